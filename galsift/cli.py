@@ -1,0 +1,63 @@
+"""The ``galsift`` command line.
+
+Each stage package contributes its own subcommands through a ``register(groups)`` function in
+its ``cli`` module; this file only wires them together, reads the settings once and configures
+logging. Heavy imports (torch, astropy) happen inside the command handlers, so ``galsift --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from galsift import logs
+from galsift.settings import Settings, get_settings
+
+#: modules whose ``register`` adds subcommands, in the order of the data flow
+COMMAND_MODULES = ("deploy.cli", "ingest.cli", "encoder.cli")
+
+
+@dataclass(frozen=True)
+class CommandGroups:
+    """Where packages hang their subcommands: top level, ``galsift eval …`` and ``galsift bench …``.
+
+    A handler is set with ``parser.set_defaults(func=handler)`` and is called as
+    ``handler(args, settings)``; it returns an exit status or None for 0.
+    """
+
+    top: argparse._SubParsersAction[argparse.ArgumentParser]
+    eval: argparse._SubParsersAction[argparse.ArgumentParser]
+    bench: argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every package's subcommands."""
+    parser = argparse.ArgumentParser(prog="galsift", description=__doc__.splitlines()[0])
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    eval_parser = top.add_parser("eval", help="quality evaluations (offline, print a table, --json)")
+    bench_parser = top.add_parser("bench", help="throughput/latency benchmarks against a baseline")
+    groups = CommandGroups(
+        top=top,
+        eval=eval_parser.add_subparsers(dest="eval_command", required=True, metavar="TASK"),
+        bench=bench_parser.add_subparsers(dest="bench_command", required=True, metavar="NAME"),
+    )
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``galsift`` console script."""
+    args = build_parser().parse_args(argv)
+    settings: Settings = get_settings()
+    logs.configure(settings)
+    status = args.func(args, settings)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Pixel storage behind fsspec: a local directory by default, ``s3://...`` in production.
+
+Tiles are stored as ``.npy`` files so that the exact bytes (dtype, shape, values) come back; the
+database keeps the URI and the sha256 of the stored file.
+"""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import numpy as np
+
+from galsift.messages import sha256
+
+
+class ObjectStore:
+    """Write-once pixel store addressed by relative keys under a root URL.
+
+    Parameters
+    ----------
+    root_url
+        fsspec URL of the store root, e.g. ``file:///srv/galsift/objects`` or ``s3://bucket/galsift``.
+    """
+
+    def __init__(self, root_url: str) -> None:
+        self.root_url = root_url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.root_url)
+
+    def uri(self, key: str) -> str:
+        """Full URI of ``key``."""
+        return f"{self.root_url}/{key}"
+
+    def put_array(self, key: str, pixels: np.ndarray) -> tuple[str, str]:
+        """Store ``pixels`` at ``key`` (``.npy``) and return ``(uri, sha256)``.
+
+        Writing the same array twice yields the same bytes and checksum, so replays are harmless.
+        """
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
+        data = buf.getvalue()
+        path = f"{self.root}/{key}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        # write to a temporary name and rename, so a crash never leaves a half-written tile
+        tmp = f"{path}.tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        self.fs.mv(tmp, path)
+        return self.uri(key), sha256(data)
+
+
+def read_array(uri: str, *, checksum: str | None = None) -> np.ndarray:
+    """Read a stored ``.npy`` tile, verifying its sha256 when ``checksum`` is given.
+
+    Raises
+    ------
+    IOError
+        If the stored bytes do not match ``checksum``.
+    """
+    with fsspec.open(uri, "rb") as fh:
+        data = fh.read()
+    if checksum is not None and sha256(data) != checksum:
+        raise OSError(f"checksum mismatch for {uri}")
+    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -1,0 +1,112 @@
+"""One typed, validated configuration for every galsift process.
+
+Read once at start-up (:func:`get_settings`) from ``GALSIFT_*`` environment variables and an
+optional ``.env`` file, then passed down explicitly. Nothing below this module reads the
+environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Topics(BaseSettings):
+    """Kafka topic names, one per edge of the data flow in DESIGN.md."""
+
+    model_config = SettingsConfigDict(env_prefix="GALSIFT_TOPIC_", extra="ignore")
+
+    #: survey adapters publish new tiles here
+    raw: str = "tiles.raw"
+    #: ingest publishes tiles it stored; the encoder consumes them
+    accepted: str = "tiles.accepted"
+    #: invalid input, with the reason, never silently dropped
+    dead: str = "tiles.dead"
+    #: the encoder publishes tiles whose vectors are in pgvector
+    embedded: str = "tiles.embedded"
+    #: lens candidates for alerting
+    alerts: str = "alerts.lens"
+
+
+class Settings(BaseSettings):
+    """Settings for the whole service.
+
+    Every field can be set as ``GALSIFT_<FIELD>`` (e.g. ``GALSIFT_DATABASE_URL``); topic names as
+    ``GALSIFT_TOPIC_<NAME>``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="GALSIFT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    #: where the embedded database, Kafka logs, the object store and caches live
+    data_dir: Path = Path("var")
+    #: Kafka bootstrap servers, comma-separated ``host:port``
+    kafka_bootstrap: str = "localhost:9092"
+    #: partitions for topics the local stack creates (consumer groups scale up to this)
+    kafka_partitions: int = Field(default=4, ge=1, le=1024)
+    topics: Topics = Field(default_factory=Topics)
+    #: SQLAlchemy URL of a PostgreSQL >= 14 with pgvector; unset -> embedded server in data_dir
+    database_url: str | None = None
+    #: fsspec URL of the pixel store (``s3://bucket/prefix`` in production); unset -> data_dir/objects
+    object_store_url: str | None = None
+    #: records a consumer takes per batch
+    batch_size: int = Field(default=64, ge=1, le=10_000)
+    #: longest a consumer waits to fill a batch, in milliseconds
+    batch_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
+    #: log format: human-readable lines or one JSON object per line
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: torch device for the encoder: "auto" picks CUDA when present
+    device: str = "auto"
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"bootstrap server {server!r} is not host:port")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise ValueError("database_url must be a postgresql:// URL (pgvector is required)")
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """Kafka bootstrap servers as a list, as kafka-python wants them."""
+        return [s.strip() for s in self.kafka_bootstrap.split(",")]
+
+    @property
+    def pixel_store_url(self) -> str:
+        """The object store URL, defaulting to a local directory under ``data_dir``."""
+        return self.object_store_url or (self.data_dir / "objects").as_uri()
+
+    @property
+    def embedded_db_dir(self) -> Path:
+        """Directory of the embedded PostgreSQL cluster (used when ``database_url`` is unset)."""
+        return self.data_dir / "pgdata"
+
+    @property
+    def kafka_dir(self) -> Path:
+        """Directory of the local Kafka broker's logs and metadata."""
+        return self.data_dir / "kafka"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read and validate the settings once per process."""
+    return Settings()
