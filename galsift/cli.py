@@ -18,7 +18,7 @@ from galsift import logs
 from galsift.settings import Settings, get_settings
 
 #: modules whose ``register`` adds subcommands, in the order of the data flow
-COMMAND_MODULES = ("deploy.cli", "ingest.cli", "encoder.cli")
+COMMAND_MODULES = ("deploy.cli", "ingest.cli", "encoder.cli", "encoder.evaluate")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import io
 import json
 import uuid
 import zlib
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -38,7 +38,7 @@ class MessageError(ValueError):
         self.detail = detail
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parsed(name: str) -> Any:
     text = resources.files("galsift.schemas").joinpath(f"{_SCHEMAS[name]}.avsc").read_text()
     return fastavro.parse_schema(json.loads(text))
@@ -125,7 +125,9 @@ def pack_pixels(pixels: np.ndarray, *, level: int = 3) -> bytes:
     return zlib.compress(np.ascontiguousarray(pixels).tobytes(), level)
 
 
-def unpack_pixels(data: bytes, *, shape: list[int] | tuple[int, ...], dtype: str, compression: str = "zlib") -> np.ndarray:
+def unpack_pixels(
+    data: bytes, *, shape: list[int] | tuple[int, ...], dtype: str, compression: str = "zlib"
+) -> np.ndarray:
     """Inverse of :func:`pack_pixels`; raises :class:`MessageError` on size mismatch."""
     try:
         raw = zlib.decompress(data) if compression == "zlib" else data

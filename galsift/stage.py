@@ -222,7 +222,9 @@ class Stage(ABC, Generic[P]):
         self._install_signal_handlers()
         idle_since = time.monotonic()
         batches = 0
-        log.info("%s starting: %s -> %s (group %s)", self.name, self.input_topic, self.output_topic, self.group_id)
+        log.info(
+            "%s starting: %s -> %s (group %s)", self.name, self.input_topic, self.output_topic, self.group_id
+        )
         try:
             while not self._stop:
                 n = self.run_once()
@@ -240,7 +242,9 @@ class Stage(ABC, Generic[P]):
     def run_once(self) -> int:
         """Consume, process, write, publish and commit one batch; return the records consumed."""
         consumer = self.consumer()
-        polled = consumer.poll(timeout_ms=self.settings.batch_timeout_ms, max_records=self.settings.batch_size)
+        polled = consumer.poll(
+            timeout_ms=self.settings.batch_timeout_ms, max_records=self.settings.batch_size
+        )
         records = [r for batch in polled.values() for r in batch]
         if not records:
             self._maybe_stats(force=False)
@@ -266,9 +270,7 @@ class Stage(ABC, Generic[P]):
         for rec in records:
             payload = rec.value if rec.value is not None else b""
             try:
-                value = messages.decode(
-                    self.input_schema, payload, header=messages.header_value(rec.headers)
-                )
+                value = messages.decode(self.input_schema, payload, header=messages.header_value(rec.headers))
                 env = Envelope(rec.topic, rec.partition, rec.offset, rec.key, payload, value)
                 prepared.append((env, self.prepare(env)))
             except (Rejected, messages.MessageError) as exc:
@@ -276,7 +278,9 @@ class Stage(ABC, Generic[P]):
             except Exception as exc:
                 if self.raise_exc:
                     raise
-                log.exception("%s: unexpected error on %s[%d]@%d", self.name, rec.topic, rec.partition, rec.offset)
+                log.exception(
+                    "%s: unexpected error on %s[%d]@%d", self.name, rec.topic, rec.partition, rec.offset
+                )
                 rejections.append(self._rejection(rec, "error", f"{type(exc).__name__}: {exc}"))
         return prepared, rejections
 
@@ -355,7 +359,9 @@ class Stage(ABC, Generic[P]):
         return Rejection(self.name, reason, detail, rec.topic, rec.partition, rec.offset, rec.key, payload)
 
     def _rejection_env(self, env: Envelope, reason: str, detail: str) -> Rejection:
-        return Rejection(self.name, reason, detail, env.topic, env.partition, env.offset, env.key, env.payload)
+        return Rejection(
+            self.name, reason, detail, env.topic, env.partition, env.offset, env.key, env.payload
+        )
 
     def _maybe_stats(self, *, force: bool) -> None:
         now = time.time()
@@ -370,8 +376,12 @@ class Stage(ABC, Generic[P]):
             log.warning("%s: could not record stats", self.name, exc_info=True)
         log.info(
             "%s stats consumed=%d accepted=%d rejected=%d lag=%d batches=%d",
-            self.name, self.counters.consumed, self.counters.accepted,
-            self.counters.rejected, self.counters.lag, self.counters.batches,
+            self.name,
+            self.counters.consumed,
+            self.counters.accepted,
+            self.counters.rejected,
+            self.counters.lag,
+            self.counters.batches,
         )
 
     def _lag(self) -> int:

@@ -1,0 +1,1 @@
+"""The database stage: SQLModel schema, Alembic migrations, engine and idempotent upserts."""

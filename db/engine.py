@@ -1,0 +1,101 @@
+"""Connections to PostgreSQL + pgvector: an external server, or the embedded one (pgserver).
+
+With ``Settings.database_url`` unset, galsift runs PostgreSQL 16 with pgvector from the PyPI
+package ``pgserver`` in ``<data_dir>/pgdata``, listening on a Unix socket only. The server is
+left running when the starting process exits (``galsift stack down`` stops it), so the ingest,
+encoder and dashboard processes all attach to the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine
+
+from galsift.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """Use the psycopg (v3) driver whatever scheme the URL came with."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def _embedded_uri(pgdata: Path) -> str | None:
+    """URI of the embedded server if it is running, without starting it."""
+    from pgserver.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is None or not info.is_running() or info.status != "ready":
+        return None
+    return info.get_uri()
+
+
+def embedded_running(settings: Settings) -> bool:
+    """Whether the embedded PostgreSQL in ``settings.embedded_db_dir`` is up."""
+    return _embedded_uri(settings.embedded_db_dir) is not None
+
+
+def start_embedded(settings: Settings) -> str:
+    """Start (or attach to) the embedded PostgreSQL and return its URL.
+
+    Idempotent and safe from several processes at once (pgserver takes an inter-process lock).
+    """
+    import pgserver
+
+    pgdata = settings.embedded_db_dir
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    return _sqlalchemy_url(server.get_uri())
+
+
+def stop_embedded(settings: Settings) -> None:
+    """Stop the embedded PostgreSQL (fast shutdown: open transactions roll back, data is kept)."""
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+    if not embedded_running(settings):
+        return
+    user = "pgserver" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=settings.embedded_db_dir, user=user)
+
+
+def database_url(settings: Settings) -> str:
+    """The SQLAlchemy URL of the galsift database, starting the embedded server if needed."""
+    if settings.database_url is not None:
+        return _sqlalchemy_url(settings.database_url)
+    uri = _embedded_uri(settings.embedded_db_dir)
+    return _sqlalchemy_url(uri) if uri is not None else start_embedded(settings)
+
+
+def get_engine(settings: Settings) -> Engine:
+    """A pooled SQLAlchemy engine on the galsift database (psycopg 3 driver)."""
+    return create_engine(database_url(settings), pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def alembic_config(settings: Settings) -> object:
+    """The Alembic configuration of ``db/migrations``, pointed at this settings' database."""
+    from alembic.config import Config
+
+    here = Path(__file__).resolve().parent
+    cfg = Config(str(here / "alembic.ini"))
+    cfg.set_main_option("script_location", str(here / "migrations"))
+    # '%' must be escaped for configparser; the URL may carry %-encoded socket paths
+    cfg.set_main_option("sqlalchemy.url", database_url(settings).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(settings: Settings, revision: str = "head") -> None:
+    """Apply the Alembic migrations (the only way the schema changes)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = alembic_config(settings)
+    if not isinstance(cfg, Config):  # pragma: no cover - keeps mypy's narrowing honest
+        raise TypeError("alembic config")
+    command.upgrade(cfg, revision)
