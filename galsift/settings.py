@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: torch device for the encoder: "auto" picks CUDA when present
     device: str = "auto"
+    #: encoder checkpoint (safetensors + JSON card); unset -> the lvm_tiny shipped in encoder/checkpoints
+    model_checkpoint: Path | None = None
+    #: images per forward pass of the encoder (micro-batches of a consumed batch)
+    encode_batch: int = Field(default=32, ge=1, le=4096)
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# System packages galsift needs besides Python: a Java 17+ runtime and Maven for the local Kafka
+# broker. Installed with apt when missing (the machines here run as root); a no-op otherwise.
+set -euo pipefail
+need=()
+command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+command -v mvn  >/dev/null 2>&1 || need+=(maven)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+java -version 2>&1 | head -1
+mvn -v 2>/dev/null | head -1
