@@ -1,0 +1,121 @@
+"""The database layer against the real embedded PostgreSQL with pgvector."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, text
+
+from db import repo
+from db.models import EmbeddingCreate, ModelVersionCreate, TileCreate
+from galsift.messages import tile_id
+from galsift.stage import Counters, Rejection
+
+pytestmark = pytest.mark.integration
+
+
+def _tile(survey: str, ext: str, ra: float = 10.0) -> TileCreate:
+    return TileCreate(
+        id=uuid.UUID(tile_id(survey, ext)),
+        survey=survey,
+        external_id=ext,
+        ra=ra,
+        dec=-1.0,
+        healpix=1,
+        bands=["g", "r", "z"],
+        pixel_scale=0.262,
+        shape=[3, 8, 8],
+        dtype="float32",
+        pixels_uri=f"file:///objects/{ext}.npy",
+        checksum="0" * 64,
+        meta={"src": "test"},
+    )
+
+
+def test_tile_upsert_is_idempotent_and_refreshes(engine: Engine) -> None:
+    survey = f"dbtest-{uuid.uuid4().hex[:6]}"
+    tiles = [_tile(survey, f"obj{i}") for i in range(5)]
+    assert repo.upsert_tiles(engine, tiles) == 5
+    repo.upsert_tiles(engine, tiles)  # a replay
+    moved = _tile(survey, "obj0", ra=11.5)
+    repo.upsert_tiles(engine, [moved])
+    assert repo.count_rows(engine, "tiles", survey=survey) == 5
+    (row,) = repo.tiles_by_id(engine, [moved.id])
+    assert row.ra == pytest.approx(11.5)
+    assert row.bands == ["g", "r", "z"] and row.shape == [3, 8, 8]
+
+
+def test_embeddings_keyed_by_tile_and_version_and_searchable(engine: Engine) -> None:
+    survey = f"dbtest-{uuid.uuid4().hex[:6]}"
+    tiles = [_tile(survey, f"e{i}") for i in range(20)]
+    repo.upsert_tiles(engine, tiles)
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    repo.register_model_version(
+        engine,
+        ModelVersionCreate(name=name, variant="lvm_tiny", checkpoint_uri="file:///c", checksum="a" * 64),
+    )
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20, 256)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    rows = [
+        EmbeddingCreate(tile_id=t.id, model_version=name, embedding=v.tolist()) for t, v in zip(tiles, vecs)
+    ]
+    repo.upsert_embeddings(engine, rows)
+    repo.upsert_embeddings(engine, rows[:7])  # a replayed batch
+    assert repo.count_rows(engine, "embeddings", model_version=name) == 20
+    query = vecs[3] + 0.01 * rng.normal(size=256).astype(np.float32)
+    with engine.connect() as conn:
+        conn.execute(text("SET LOCAL enable_seqscan = off"))  # make the planner use the HNSW index
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                text(
+                    "EXPLAIN SELECT tile_id FROM embeddings ORDER BY embedding <=> CAST(:q AS vector) LIMIT 3"
+                ),
+                {"q": str(query.tolist())},
+            )
+        )
+        nearest = conn.execute(
+            text(
+                "SELECT tile_id FROM embeddings WHERE model_version = :v ORDER BY embedding <=> CAST(:q AS vector) LIMIT 1"
+            ),
+            {"v": name, "q": str(query.tolist())},
+        ).scalar_one()
+    assert "ix_embeddings_hnsw" in plan
+    assert nearest == tiles[3].id
+
+
+def test_model_versions_are_immutable(engine: Engine) -> None:
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    mv = ModelVersionCreate(name=name, variant="lvm_tiny", checkpoint_uri="file:///c", checksum="b" * 64)
+    first = repo.register_model_version(engine, mv)
+    again = repo.register_model_version(engine, mv)
+    assert first.created_at == again.created_at
+    with pytest.raises(ValueError, match="immutable"):
+        repo.register_model_version(engine, mv.model_copy(update={"checksum": "c" * 64}))
+
+
+def test_errors_recorded_once_per_position_and_stats_upserted(engine: Engine) -> None:
+    stage = f"test-{uuid.uuid4().hex[:6]}"
+    rej = [Rejection(stage, "schema", "bad bytes", "tiles.raw", 0, i, None, b"\x00\x01") for i in range(3)]
+    repo.record_errors(engine, rej)
+    repo.record_errors(engine, rej)
+    assert repo.count_rows(engine, "ingest_errors", stage=stage) == 3
+    repo.upsert_stage_stats(
+        engine, stage=stage, worker="w1", counters=Counters(consumed=5, accepted=4, rejected=1)
+    )
+    repo.upsert_stage_stats(
+        engine, stage=stage, worker="w1", counters=Counters(consumed=9, accepted=7, rejected=2)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT consumed, accepted, rejected FROM stage_stats WHERE stage = :s"), {"s": stage}
+        ).one()
+    assert tuple(row) == (9, 7, 2)
+
+
+def test_count_rows_refuses_unknown_tables(engine: Engine) -> None:
+    with pytest.raises(ValueError):
+        repo.count_rows(engine, "pg_authid")

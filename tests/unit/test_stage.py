@@ -1,0 +1,208 @@
+"""The stage lifecycle in isolation: commit only after durable output, per-item failure isolation.
+
+Kafka is replaced by a narrow in-memory stand-in here (the integration tests use the real broker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pytest
+
+from galsift import messages
+from galsift.settings import Settings
+from galsift.stage import Envelope, Output, Rejected, Rejection, Stage
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class FakeConsumer:
+    def __init__(self, records: list[Rec]) -> None:
+        self.records = records
+        self.commits = 0
+        self.events: list[str] = []
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[str, list[Rec]]:
+        batch, self.records = self.records[:max_records], self.records[max_records:]
+        return {"tp": batch} if batch else {}
+
+    def commit(self) -> None:
+        self.commits += 1
+        self.events.append("commit")
+
+    def assignment(self) -> set[Any]:
+        return set()
+
+
+class FakeFuture:
+    def get(self, timeout: float) -> None:
+        return None
+
+
+class FakeProducer:
+    def __init__(self, events: list[str]) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.events = events
+
+    def send(
+        self, topic: str, *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> FakeFuture:
+        self.sent.append((topic, value))
+        return FakeFuture()
+
+    def flush(self) -> None:
+        self.events.append("flush")
+
+
+class Doubler(Stage[int]):
+    """A toy stage over ``embedded`` messages: rejects dim < 0, fails writes on request."""
+
+    name: ClassVar[str] = "doubler"
+    input_schema: ClassVar[str] = "embedded"
+    output_schema: ClassVar[str | None] = "embedded"
+    max_write_retries: ClassVar[int] = 2
+
+    def __init__(self, consumer: FakeConsumer, *, fail_writes: int = 0, poison: int | None = None) -> None:
+        super().__init__(Settings(batch_size=10), engine=None)  # type: ignore[arg-type]
+        self._consumer = consumer  # type: ignore[assignment]
+        self._producer = FakeProducer(consumer.events)  # type: ignore[assignment]
+        self.fail_writes = fail_writes
+        self.poison = poison
+        self.written: list[int] = []
+        self.recorded: list[Rejection] = []
+
+    @property
+    def input_topic(self) -> str:
+        return "in"
+
+    @property
+    def output_topic(self) -> str:
+        return "out"
+
+    def prepare(self, item: Envelope) -> int:
+        dim = int(item.value["dim"])
+        if dim < 0:
+            raise Rejected("negative", f"dim {dim}")
+        return dim
+
+    def write(self, prepared: Sequence[tuple[Envelope, int]]) -> list[Output]:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise RuntimeError("database hiccup")
+        if self.poison is not None and any(v == self.poison for _, v in prepared):
+            raise ValueError("poisonous item")
+        self._consumer.events.append("write")  # type: ignore[union-attr]
+        self.written.extend(v for _, v in prepared)
+        return [
+            Output(key=None, value={"tile_id": "t", "model_version": "m", "dim": 2 * v}) for _, v in prepared
+        ]
+
+    def record_rejections(self, rejections: Sequence[Rejection]) -> None:
+        self.recorded.extend(rejections)
+
+    def record_stats(self) -> None:
+        pass
+
+
+def _records(dims: list[int]) -> list[Rec]:
+    return [
+        Rec(
+            "in",
+            0,
+            i,
+            None,
+            messages.encode("embedded", {"tile_id": "t", "model_version": "m", "dim": d}),
+            messages.headers("embedded"),
+        )
+        for i, d in enumerate(dims)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("galsift.stage.time.sleep", lambda s: None)
+
+
+def test_commit_comes_after_write_and_flush() -> None:
+    consumer = FakeConsumer(_records([1, 2, 3]))
+    stage = Doubler(consumer)
+    assert stage.run_once() == 3
+    assert consumer.events == ["write", "flush", "commit"]
+    assert stage.written == [1, 2, 3]
+    outs = [messages.decode("embedded", v)["dim"] for t, v in stage._producer.sent if t == "out"]  # type: ignore[union-attr]
+    assert outs == [2, 4, 6]
+
+
+def test_bad_items_are_rejected_and_the_rest_go_through() -> None:
+    recs = _records([1, -1, 2])
+    recs.append(Rec("in", 0, 3, b"k", b"\x00garbage", messages.headers("embedded")))
+    recs.append(Rec("in", 0, 4, None, recs[0].value, [("schema", b"galsift.tile.v1")]))
+    consumer = FakeConsumer(recs)
+    stage = Doubler(consumer)
+    stage.run_once()
+    assert stage.written == [1, 2]
+    reasons = sorted((r.offset, r.reason) for r in stage.recorded)
+    assert reasons == [(1, "negative"), (3, "schema"), (4, "schema")]
+    dead = [messages.decode("dead", v) for t, v in stage._producer.sent if t == stage.settings.topics.dead]  # type: ignore[union-attr]
+    assert sorted(d["offset"] for d in dead) == [1, 3, 4]
+    assert dead[0]["payload"]  # the raw bytes are kept for the operator
+    assert consumer.commits == 1
+    assert stage.counters.accepted == 2 and stage.counters.rejected == 3
+
+
+def test_transient_write_failure_is_retried_before_commit() -> None:
+    consumer = FakeConsumer(_records([5, 6]))
+    stage = Doubler(consumer, fail_writes=1)
+    stage.run_once()
+    assert stage.written == [5, 6]
+    assert stage.counters.write_retries == 1
+    assert consumer.events[-1] == "commit"
+
+
+def test_poisonous_item_is_isolated_after_retries() -> None:
+    consumer = FakeConsumer(_records([1, 7, 2]))
+    stage = Doubler(consumer, poison=7)
+    stage.run_once()
+    assert stage.written == [1, 2]
+    assert [(r.offset, r.reason) for r in stage.recorded] == [(1, "write")]
+    assert consumer.commits == 1
+
+
+def test_store_outage_stops_without_commit() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    consumer = FakeConsumer(_records([1, 2]))
+    stage = Doubler(consumer)
+
+    def down(prepared: Sequence[tuple[Envelope, int]]) -> list[Output]:
+        raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
+
+    stage.write = down  # type: ignore[method-assign]
+    with pytest.raises(OperationalError):
+        stage.run_once()
+    assert consumer.commits == 0
+    assert stage.recorded == []
+
+
+def test_raise_exc_makes_unexpected_errors_loud() -> None:
+    consumer = FakeConsumer(_records([1]))
+    stage = Doubler(consumer)
+    stage.raise_exc = True
+
+    def boom(item: Envelope) -> int:
+        raise KeyError("bug")
+
+    stage.prepare = boom  # type: ignore[method-assign]
+    with pytest.raises(KeyError):
+        stage.run_once()
+    assert consumer.commits == 0
