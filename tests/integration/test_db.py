@@ -60,7 +60,8 @@ def test_embeddings_keyed_by_tile_and_version_and_searchable(engine: Engine) -> 
     vecs = rng.normal(size=(20, 256)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     rows = [
-        EmbeddingCreate(tile_id=t.id, model_version=name, embedding=v.tolist()) for t, v in zip(tiles, vecs)
+        EmbeddingCreate(tile_id=t.id, model_version=name, embedding=v.tolist())
+        for t, v in zip(tiles, vecs, strict=True)
     ]
     repo.upsert_embeddings(engine, rows)
     repo.upsert_embeddings(engine, rows[:7])  # a replayed batch
