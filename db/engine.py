@@ -61,7 +61,14 @@ def stop_embedded(settings: Settings) -> None:
 
     if not embedded_running(settings):
         return
-    user = "pgserver" if platform.system() != "Windows" and os.geteuid() == 0 else None
+    user = None
+    if platform.system() != "Windows" and os.geteuid() == 0:
+        # as root, pgserver runs PostgreSQL as the user "pgserver", who must be able to reach pgdata;
+        # something (pytest's 0700 tmp root, a umask) may have closed a parent directory since start
+        from pgserver.utils import ensure_prefix_permissions
+
+        ensure_prefix_permissions(settings.embedded_db_dir)
+        user = "pgserver"
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=settings.embedded_db_dir, user=user)
 
 

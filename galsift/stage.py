@@ -207,6 +207,9 @@ class Stage(ABC, Generic[P]):
                 max_poll_records=self.settings.batch_size,
                 # a batch on a slow CPU encoder can take minutes: stay in the group meanwhile
                 max_poll_interval_ms=600_000,
+                # but notice a crashed member within seconds, so its partitions move on quickly
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=3_000,
             )
         return self._consumer
 

@@ -1,0 +1,1 @@
+"""Getting survey tiles into galsift: file readers, survey adapters, the publisher and the ingest stage."""

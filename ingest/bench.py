@@ -1,0 +1,294 @@
+"""``galsift bench ingest``: ingest throughput and latency against baselines measured in the same run.
+
+Four measurements on the same tiles, on the running stack (``galsift stack up``):
+
+``upsert_batched``
+    ``db.repo.upsert_tiles`` with ``batch_size`` rows per statement (what the stage does).
+``upsert_row_by_row``
+    the same rows, one statement and transaction per row (the baseline the batching beats).
+``ingest_stage``
+    the full :class:`~ingest.service.IngestStage` batch: consume, decode, validate, decompress,
+    object store, HEALPix, multi-row upsert, publish accepted, commit.
+``kafka_passthrough``
+    the floor under it: consume, decode the Avro body, produce a small message, flush, commit.
+
+Latencies are per call (one statement, or one consumed batch); ``per_s`` is tiles per second.
+Everything runs on throw-away topics (``bench.<run>.*``) and surveys (``bench_<run>_*``), removed
+afterwards unless ``keep`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, text
+
+from galsift import messages
+from galsift.settings import Settings, Topics
+from galsift.stage import make_producer
+from ingest.publish import TilePublisher
+from ingest.readers import SurveyTile, iter_sources
+
+log = logging.getLogger(__name__)
+
+
+def load_bench_tiles(data: Path, *, n: int) -> list[SurveyTile]:
+    """``n`` tiles from ``data``, cycling through its files with ``~<k>`` id suffixes if needed.
+
+    Raises
+    ------
+    ValueError
+        If ``data`` holds no readable tile.
+    """
+    folders = [data] if (data / "labels.csv").exists() or not data.is_dir() else [
+        p for p in sorted(data.iterdir()) if p.is_dir()
+    ] or [data]
+    base = [s.read() for s in iter_sources(folders, limit=n)]
+    if not base:
+        raise ValueError(f"no tiles under {data}")
+    tiles: list[SurveyTile] = []
+    for k in range(n):
+        t = base[k % len(base)]
+        suffix = f"~{k // len(base)}" if k >= len(base) else ""
+        tiles.append(
+            SurveyTile(
+                survey=t.survey, external_id=t.external_id + suffix, pixels=t.pixels, bands=t.bands,
+                pixel_scale=t.pixel_scale, ra=t.ra, dec=t.dec, header=t.header, meta=t.meta,
+            )
+        )
+    return tiles
+
+
+def _with_survey(tiles: Sequence[SurveyTile], survey: str) -> list[SurveyTile]:
+    return [
+        SurveyTile(
+            survey=survey, external_id=f"{t.survey}/{t.external_id}", pixels=t.pixels, bands=t.bands,
+            pixel_scale=t.pixel_scale, ra=t.ra, dec=t.dec, header=t.header, meta=t.meta,
+        )
+        for t in tiles
+    ]
+
+
+def _row(model: str, latencies_s: Sequence[float], *, n: int, **extra: Any) -> dict[str, Any]:
+    ms = np.asarray(latencies_s) * 1000.0
+    total = float(np.sum(latencies_s))
+    return {
+        "model": model,
+        "n": n,
+        # a consumer batch can come back short of batch_size: report what the calls really held
+        "rows_per_call": round(n / len(latencies_s), 1),
+        "calls": len(latencies_s),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "per_s": round(n / total, 2) if total > 0 else None,
+        **extra,
+    }
+
+
+def bench_upserts(engine: Engine, tiles: Sequence[SurveyTile], *, run: str, batch_size: int) -> list[dict[str, Any]]:
+    """Time batched vs one-row-per-round-trip tile upserts (database only)."""
+    from db.models import TileCreate
+    from db.repo import upsert_tiles
+
+    def rows(survey: str) -> list[TileCreate]:
+        out = []
+        for t in _with_survey(tiles, survey):
+            out.append(
+                TileCreate(
+                    id=uuid.UUID(t.tile_id), survey=t.survey, external_id=t.external_id, ra=t.ra,
+                    dec=t.dec, healpix=None, bands=list(t.bands), pixel_scale=t.pixel_scale,
+                    shape=list(t.pixels.shape), dtype=str(t.pixels.dtype),
+                    pixels_uri=f"bench://{t.tile_id}.npy", checksum="0" * 64, meta=dict(t.meta),
+                )
+            )
+        return out
+
+    results = []
+    batched = rows(f"bench_{run}_batched")
+    lat = []
+    for i in range(0, len(batched), batch_size):
+        t0 = time.perf_counter()
+        upsert_tiles(engine, batched[i : i + batch_size])
+        lat.append(time.perf_counter() - t0)
+    results.append(_row("upsert_batched", lat, n=len(batched)))
+    single = rows(f"bench_{run}_rowwise")
+    lat = []
+    for r in single:
+        t0 = time.perf_counter()
+        upsert_tiles(engine, [r])
+        lat.append(time.perf_counter() - t0)
+    results.append(_row("upsert_row_by_row", lat, n=len(single)))
+    return results
+
+
+def _drain(step: Callable[[], int], n: int, *, timeout_s: float) -> list[float]:
+    """Call ``step`` (one batch) until ``n`` records were handled; per-batch seconds."""
+    lat: list[float] = []
+    done = 0
+    deadline = time.monotonic() + timeout_s
+    while done < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {done} of {n} records consumed in {timeout_s:.0f} s")
+        t0 = time.perf_counter()
+        got = step()
+        if got:
+            lat.append(time.perf_counter() - t0)
+            done += got
+    return lat
+
+
+def _join(consumer: Any) -> None:
+    """Join the group and rewind, so group set-up time is not billed to the first batch."""
+    deadline = time.monotonic() + 60
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise TimeoutError("consumer got no partitions within 60 s")
+        consumer.poll(timeout_ms=200, max_records=1)
+    consumer.seek_to_beginning()
+
+
+def bench_stream(
+    settings: Settings, engine: Engine, tiles: Sequence[SurveyTile], *, run: str, timeout_s: float = 600
+) -> list[dict[str, Any]]:
+    """Time the full ingest stage against a decode-and-forward Kafka loop on the same messages."""
+    from kafka import KafkaConsumer
+
+    from ingest.service import IngestStage
+
+    n = len(tiles)
+    stage_tiles = _with_survey(tiles, f"bench_{run}_stage")
+    with TilePublisher(settings) as pub:
+        t0 = time.perf_counter()
+        for t in stage_tiles:
+            pub.send(t)
+        pub.flush()
+        publish_s = time.perf_counter() - t0
+    results = [
+        {"model": "publish", "n": n, "rows_per_call": 1, "calls": n, "p50_ms": None, "p95_ms": None,
+         "per_s": round(n / publish_s, 2)}
+    ]
+
+    # baseline: the Kafka work alone
+    consumer = KafkaConsumer(
+        settings.topics.raw, bootstrap_servers=settings.bootstrap_servers,
+        group_id=f"bench-{run}-passthrough", enable_auto_commit=False, auto_offset_reset="earliest",
+        max_poll_records=settings.batch_size, fetch_max_bytes=64 * 1024 * 1024,
+    )
+    producer = make_producer(settings)
+    try:
+        _join(consumer)
+
+        def passthrough() -> int:
+            polled = consumer.poll(timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_size)
+            records = [r for batch in polled.values() for r in batch]
+            for r in records:
+                value = messages.decode("tile", r.value, header=messages.header_value(r.headers))
+                producer.send(settings.topics.accepted, key=r.key,
+                              value=f"{value['survey']}/{value['external_id']}".encode())
+            producer.flush()
+            if records:
+                consumer.commit()
+            return len(records)
+
+        lat = _drain(passthrough, n, timeout_s=timeout_s)
+    finally:
+        producer.close()
+        consumer.close(autocommit=False)
+    results.append(_row("kafka_passthrough", lat, n=n))
+
+    stage = IngestStage(settings, engine, group_id=f"bench-{run}-stage")
+    try:
+        _join(stage.consumer())
+        lat = _drain(stage.run_once, n, timeout_s=timeout_s)
+    finally:
+        stage.close()
+        # the bench worker is not a service: keep it off the operators' stage_stats
+        with engine.begin() as conn:
+            conn.execute(
+                text("DELETE FROM stage_stats WHERE stage = :s AND worker = :w"),
+                {"s": stage.name, "w": stage.worker_id},
+            )
+    results.append(_row("ingest_stage", lat, n=n))
+    return results
+
+
+def bench_ingest(
+    settings: Settings, *, data: Path, n: int = 256, keep: bool = False, timeout_s: float = 600
+) -> dict[str, Any]:
+    """Run every ingest benchmark and return the ``--json`` document (DESIGN.md contract).
+
+    Parameters
+    ----------
+    settings
+        Settings of a running stack.
+    data
+        A dataset folder (or a folder of them, like ``deploy/demo``) to take tiles from.
+    n
+        Tiles per measurement.
+    keep
+        Keep the bench topics, rows and stored pixels (for inspection).
+    timeout_s
+        Longest a stream measurement may take.
+    """
+    from db.engine import get_engine
+    from deploy.stack import ensure_topics, kafka_admin
+
+    run = uuid.uuid4().hex[:8]
+    tiles = load_bench_tiles(data, n=n)
+    prefix = f"bench.{run}"
+    bench_settings = settings.model_copy(
+        update={
+            "topics": Topics(
+                raw=f"{prefix}.raw", accepted=f"{prefix}.accepted", dead=f"{prefix}.dead",
+                embedded=settings.topics.embedded, alerts=settings.topics.alerts,
+            )
+        }
+    )
+    engine = get_engine(settings)
+    ensure_topics(bench_settings)
+    results: list[dict[str, Any]] = []
+    try:
+        results += bench_upserts(engine, tiles, run=run, batch_size=settings.batch_size)
+        results += bench_stream(bench_settings, engine, tiles, run=run, timeout_s=timeout_s)
+    finally:
+        if not keep:
+            _clean(settings, engine, run)
+            with kafka_admin(settings) as admin:
+                admin.delete_topics([f"{prefix}.raw", f"{prefix}.accepted", f"{prefix}.dead"])
+        engine.dispose()
+    return {"command": "bench ingest", "data": str(data), "model_version": None, "results": results}
+
+
+def _clean(settings: Settings, engine: Engine, run: str) -> None:
+    from galsift.objectstore import ObjectStore
+
+    pattern = f"bench\\_{run}\\_%"
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM tiles WHERE survey LIKE :p"), {"p": pattern})
+        conn.execute(text("DELETE FROM surveys WHERE name LIKE :p"), {"p": pattern})
+    store = ObjectStore(settings.pixel_store_url)
+    path = f"{store.root}/tiles/bench_{run}_stage"
+    if store.fs.exists(path):
+        store.fs.rm(path, recursive=True)
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The results as a fixed-width table."""
+    head = f"{'model':<20} {'n':>6} {'rows/call':>9} {'p50 ms':>9} {'p95 ms':>9} {'tiles/s':>9}"
+    lines = [head, "-" * len(head)]
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    for r in doc["results"]:
+        lines.append(
+            f"{r['model']:<20} {r['n']:>6} {r['rows_per_call']:>9} {fmt(r['p50_ms']):>9} "
+            f"{fmt(r['p95_ms']):>9} {fmt(r['per_s']):>9}"
+        )
+    return "\n".join(lines)
