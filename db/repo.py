@@ -187,3 +187,36 @@ def count_rows(engine: Engine, table: str, **where: Any) -> int:
     sql = f'SELECT count(*) FROM "{table}"' + (f" WHERE {clauses}" if clauses else "")
     with engine.connect() as conn:
         return int(conn.execute(text(sql), where).scalar_one())
+
+
+def service_overview(engine: Engine) -> dict[str, Any]:
+    """What an operator asks first: per-worker counters, table sizes, rejections by reason.
+
+    Returns
+    -------
+    dict
+        ``{"workers": [...], "counts": {table: n}, "rejections": {(stage, reason): n}}``; a worker
+        whose row was not refreshed for a minute is marked ``stale`` (stopped or stuck).
+    """
+    with engine.connect() as conn:
+        workers = [
+            dict(r)
+            for r in conn.execute(
+                text(
+                    "SELECT stage, worker, consumed, accepted, rejected, lag, batches, updated_at, "
+                    "now() - updated_at > interval '60 seconds' AS stale "
+                    "FROM stage_stats ORDER BY stage, updated_at DESC"
+                )
+            ).mappings()
+        ]
+        counts = {
+            t: int(conn.execute(text(f'SELECT count(*) FROM "{t}"')).scalar_one())
+            for t in ("tiles", "embeddings", "model_versions", "ingest_errors")
+        }
+        rejections = {
+            (r[0], r[1]): int(r[2])
+            for r in conn.execute(
+                text("SELECT stage, reason, count(*) FROM ingest_errors GROUP BY stage, reason ORDER BY 1, 2")
+            )
+        }
+    return {"workers": workers, "counts": counts, "rejections": rejections}

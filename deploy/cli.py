@@ -124,7 +124,32 @@ def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
     status = stack.stack_status(settings)
     print(status.describe())
     up = (status.kafka.running or not status.kafka.local) and status.kafka.listening
+    if status.postgres.running:
+        _print_services(settings)
     return 0 if up and status.postgres.running else 1
+
+
+def _print_services(settings: Settings) -> None:
+    """Counters the stage workers record after each batch, and what was rejected."""
+    from db.engine import get_engine
+    from db.repo import service_overview
+
+    overview = service_overview(get_engine(settings))
+    print("\n" + "  ".join(f"{t}={n}" for t, n in overview["counts"].items()))
+    if overview["workers"]:
+        print(
+            f"\n{'stage':<10} {'worker':<28} {'consumed':>9} {'accepted':>9} {'rejected':>9} {'lag':>7}  last seen"
+        )
+        for w in overview["workers"]:
+            seen = w["updated_at"].strftime("%Y-%m-%d %H:%M:%S") + (" (stale)" if w["stale"] else "")
+            print(
+                f"{w['stage']:<10} {w['worker'][:28]:<28} {w['consumed']:>9} {w['accepted']:>9} "
+                f"{w['rejected']:>9} {w['lag']:>7}  {seen}"
+            )
+    if overview["rejections"]:
+        print("\nrejected (ingest_errors):")
+        for (stage_name, reason), n in overview["rejections"].items():
+            print(f"  {stage_name}/{reason}: {n}")
 
 
 def _print_how_to_open_db(settings: Settings) -> None:

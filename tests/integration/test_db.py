@@ -115,6 +115,11 @@ def test_errors_recorded_once_per_position_and_stats_upserted(engine: Engine) ->
             text("SELECT consumed, accepted, rejected FROM stage_stats WHERE stage = :s"), {"s": stage}
         ).one()
     assert tuple(row) == (9, 7, 2)
+    overview = repo.service_overview(engine)
+    (mine,) = [w for w in overview["workers"] if w["stage"] == stage]
+    assert (mine["worker"], mine["consumed"], mine["stale"]) == ("w1", 9, False)
+    assert overview["rejections"][(stage, "schema")] == 3
+    assert overview["counts"]["ingest_errors"] >= 3
 
 
 def test_count_rows_refuses_unknown_tables(engine: Engine) -> None:
