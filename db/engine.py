@@ -12,8 +12,10 @@ import logging
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine
+import psycopg
+from sqlalchemy import Engine, create_engine, event
 
 from galsift.settings import Settings
 
@@ -31,7 +33,11 @@ def _embedded_uri(pgdata: Path) -> str | None:
     """URI of the embedded server if it is running, without starting it."""
     from pgserver.utils import PostmasterInfo
 
-    info = PostmasterInfo.read_from_pgdata(pgdata)
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+    except (AssertionError, ValueError, OSError):
+        # postmaster.pid is being written (the server is starting or in single-user mode)
+        return None
     if info is None or not info.is_running() or info.status != "ready":
         return None
     return info.get_uri()
@@ -81,8 +87,23 @@ def database_url(settings: Settings) -> str:
 
 
 def get_engine(settings: Settings) -> Engine:
-    """A pooled SQLAlchemy engine on the galsift database (psycopg 3 driver)."""
-    return create_engine(database_url(settings), pool_pre_ping=True, pool_size=5, max_overflow=5)
+    """A pooled SQLAlchemy engine on the galsift database (psycopg 3 driver).
+
+    Connections know the pgvector types, so raw SQL returns vectors as numpy arrays too.
+    """
+    engine = create_engine(database_url(settings), pool_pre_ping=True, pool_size=5, max_overflow=5)
+    event.listen(engine, "connect", _register_vector)
+    return engine
+
+
+def _register_vector(dbapi_connection: Any, connection_record: Any) -> None:
+    from pgvector.psycopg import register_vector
+
+    try:
+        register_vector(dbapi_connection)
+    except psycopg.ProgrammingError:
+        # the extension does not exist yet: this connection is the one running the migrations
+        dbapi_connection.rollback()
 
 
 def alembic_config(settings: Settings) -> object:

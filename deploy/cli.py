@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 #: (``["encode"]``, then ``["detect"]``, …)
 SERVICES: list[list[str]] = [
     ["ingest"],
+    ["encode"],
 ]
 #: how long a service gets to finish its batch and commit after SIGTERM before SIGKILL
 STOP_GRACE_S = 30.0

@@ -65,3 +65,9 @@ def engine(stack_settings: Settings) -> Iterator[Engine]:
     eng = get_engine(stack_settings)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free port whose successor is free too, for a second local broker."""
+    return _free_port_pair()

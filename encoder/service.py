@@ -1,0 +1,289 @@
+"""The embedding service: ``tiles.accepted`` -> LVM -> pgvector -> ``tiles.embedded``.
+
+Each worker is a member of the ``encoder`` consumer group, so adding workers (on more GPUs)
+spreads the topic's partitions across them. A consumed batch is read from the object store,
+embedded in micro-batches on the device, written to the ``embeddings`` table in one upsert keyed
+by (tile, model version), announced on ``tiles.embedded`` and only then committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sqlalchemy import Engine, text
+
+from db import repo
+from db.models import EmbeddingCreate, ModelVersionCreate, ModelVersionPublic
+from galsift.settings import Settings
+from galsift.stage import Envelope, Output, Rejected, Stage
+
+log = logging.getLogger(__name__)
+
+#: the checkpoint the demo and the evaluations use when none is configured
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "lvm_tiny.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_version_for(checkpoint: Path, card: dict[str, Any]) -> ModelVersionCreate:
+    """The registry entry of a checkpoint: named by variant and weights checksum unless the card names it."""
+    from encoder.checkpoint import file_sha256
+
+    checksum = file_sha256(checkpoint)
+    name = str(card.get("version") or f"{card['variant']}-{checksum[:10]}")
+    return ModelVersionCreate(
+        name=name,
+        variant=str(card["variant"]),
+        checkpoint_uri=checkpoint.resolve().as_uri(),
+        checksum=checksum,
+        card=card,
+    )
+
+
+class Embedder:
+    """A loaded LVM on its device, turning model inputs into 256-d unit vectors.
+
+    Parameters
+    ----------
+    checkpoint
+        Path of a ``.safetensors`` checkpoint with its JSON card.
+    device
+        Torch device name or ``auto``.
+    batch
+        Images per forward pass.
+    """
+
+    def __init__(self, checkpoint: Path, *, device: str = "auto", batch: int = 32) -> None:
+        from encoder.checkpoint import load_model
+
+        self.checkpoint = checkpoint
+        self.device = resolve_device(device)
+        self.model, self.card = load_model(checkpoint, device=str(self.device))
+        self.model.eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch = batch
+        self.img_size = int(self.model.img_size)
+
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embed float32 model inputs of shape (N, 3, S, S) -> (N, 256) float32, L2-normalised."""
+        out = []
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
+        for start in range(0, len(images), self.batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch])).to(self.device)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                z = self.model.embed(x)
+            out.append(z.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def load_tile(uri: str, checksum: str | None, size: int) -> np.ndarray:
+    """Read one stored tile as model input; unreadable or corrupt pixels are :class:`Rejected`."""
+    from encoder.data import read_stored_tile
+
+    try:
+        return read_stored_tile(uri, checksum=checksum, size=size)
+    except FileNotFoundError as exc:
+        raise Rejected("pixels", f"stored pixels missing: {uri}") from exc
+    except (OSError, ValueError) as exc:
+        raise Rejected("pixels", f"stored pixels unreadable: {uri}: {exc}") from exc
+
+
+class EncodeStage(Stage[np.ndarray]):
+    """Consumer-group member embedding accepted tiles with one model version."""
+
+    name: ClassVar[str] = "encoder"
+    input_schema: ClassVar[str] = "accepted"
+    output_schema: ClassVar[str | None] = "embedded"
+
+    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, **kw: Any) -> None:
+        super().__init__(settings, engine, **kw)
+        self.embedder = embedder
+        self.version: ModelVersionPublic = repo.register_model_version(
+            engine, model_version_for(embedder.checkpoint, embedder.card)
+        )
+
+    @property
+    def input_topic(self) -> str:
+        """Tiles that ingest stored."""
+        return self.settings.topics.accepted
+
+    @property
+    def output_topic(self) -> str:
+        """Tiles whose vectors are in pgvector."""
+        return self.settings.topics.embedded
+
+    def prepare(self, item: Envelope) -> np.ndarray:
+        """Read the tile's pixels from the object store as model input."""
+        value = item.value
+        return load_tile(value["pixels_uri"], value["checksum"], self.embedder.img_size)
+
+    def write(self, prepared: Sequence[tuple[Envelope, np.ndarray]]) -> list[Output]:
+        """Embed the batch, upsert the vectors, and return the ``tiles.embedded`` messages."""
+        vectors = self.embedder.embed(np.stack([x for _, x in prepared]))
+        if not np.isfinite(vectors).all():
+            # a non-finite vector would poison the HNSW index; the base class isolates the culprit
+            raise Rejected("nonfinite", "the model produced a non-finite embedding")
+        rows = [
+            EmbeddingCreate(
+                tile_id=env.value["tile_id"], model_version=self.version.name, embedding=vec.tolist()
+            )
+            for (env, _), vec in zip(prepared, vectors, strict=True)
+        ]
+        repo.upsert_embeddings(self.engine, rows)
+        return [
+            Output(
+                key=env.key,
+                value={
+                    "tile_id": env.value["tile_id"],
+                    "model_version": self.version.name,
+                    "dim": vectors.shape[1],
+                },
+            )
+            for env, _ in prepared
+        ]
+
+
+def _missing_tiles(engine: Engine, version: str, chunk: int) -> Iterator[list[tuple[str, str, str]]]:
+    """Chunks of (tile id, uri, checksum) that have no embedding by ``version`` yet.
+
+    Re-querying after each chunk makes a backfill restartable at any point: whatever was written
+    is skipped next time.
+    """
+    sql = text(
+        "SELECT t.id::text, t.pixels_uri, t.checksum FROM tiles t WHERE NOT EXISTS "
+        "(SELECT 1 FROM embeddings e WHERE e.tile_id = t.id AND e.model_version = :v) "
+        "AND t.id::text > :after ORDER BY t.id::text LIMIT :n"
+    )
+    after = ""
+    while True:
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(sql, {"v": version, "after": after, "n": chunk})]
+        if not rows:
+            return
+        yield rows  # type: ignore[misc]
+        after = str(rows[-1][0])
+
+
+def backfill(
+    engine: Engine, embedder: Embedder, *, chunk: int = 256, progress: bool = True
+) -> dict[str, int]:
+    """(Re-)embed every stored tile that lacks a vector from this model version.
+
+    Returns
+    -------
+    dict
+        ``{"embedded": n, "failed": m}``; failures are logged and recorded in ``ingest_errors``.
+    """
+    from tqdm import tqdm
+
+    from galsift.stage import Rejection
+
+    version = repo.register_model_version(engine, model_version_for(embedder.checkpoint, embedder.card))
+    with engine.connect() as conn:
+        total = conn.execute(
+            text(
+                "SELECT count(*) FROM tiles t WHERE NOT EXISTS (SELECT 1 FROM embeddings e "
+                "WHERE e.tile_id = t.id AND e.model_version = :v)"
+            ),
+            {"v": version.name},
+        ).scalar_one()
+    done = failed = 0
+    bar = tqdm(total=total, desc=f"backfill {version.name}", unit="tile", disable=not progress)
+    for rows in _missing_tiles(engine, version.name, chunk):
+        ok_ids, images, errors = [], [], []
+        for tid, uri, checksum in rows:
+            try:
+                images.append(load_tile(uri, checksum, embedder.img_size))
+                ok_ids.append(tid)
+            except Rejected as exc:
+                # one error row per tile: the tile id stands in for the Kafka position
+                errors.append(
+                    Rejection(
+                        "encoder.backfill", exc.reason, exc.detail, f"backfill/{tid}", 0, 0, tid.encode(), b""
+                    )
+                )
+        if images:
+            vectors = embedder.embed(np.stack(images))
+            repo.upsert_embeddings(
+                engine,
+                [
+                    EmbeddingCreate(tile_id=tid, model_version=version.name, embedding=v.tolist())
+                    for tid, v in zip(ok_ids, vectors, strict=True)
+                ],
+            )
+        if errors:
+            repo.record_errors(engine, errors)
+        done += len(ok_ids)
+        failed += len(errors)
+        bar.update(len(rows))
+    bar.close()
+    return {"embedded": done, "failed": failed}
+
+
+def resolve_checkpoint(engine: Engine | None, model: str | None, settings: Settings) -> Path:
+    """A checkpoint path from ``--model``: a file, a registered version name, or the configured default.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing matches.
+    """
+    if model is None:
+        path = settings.model_checkpoint or SHIPPED_CHECKPOINT
+    elif Path(model).exists():
+        path = Path(model)
+    else:
+        version = repo.get_model_version(engine, model) if engine is not None else None
+        if version is None:
+            raise FileNotFoundError(f"{model!r} is neither a checkpoint file nor a registered model version")
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(version.checkpoint_uri).path))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; train one with `galsift train pretrain` (see README)"
+        )
+    return path
+
+
+def run(
+    settings: Settings,
+    *,
+    model: str | None = None,
+    group: str | None = None,
+    do_backfill: bool = False,
+    max_batches: int | None = None,
+    idle_exit_s: float | None = None,
+) -> int:
+    """Entry point of ``galsift encode``: the streaming service, or a backfill with ``do_backfill``."""
+    from db.engine import get_engine
+
+    engine = get_engine(settings)
+    checkpoint = resolve_checkpoint(engine, model, settings)
+    embedder = Embedder(checkpoint, device=settings.device, batch=settings.encode_batch)
+    log.info("encoder: %s (%s) on %s", checkpoint.name, embedder.card.get("version"), embedder.device)
+    if do_backfill:
+        result = backfill(engine, embedder)
+        print(f"backfill: {result['embedded']} embedded, {result['failed']} failed (see ingest_errors)")
+        return 1 if result["failed"] else 0
+    EncodeStage(settings, engine, embedder, group_id=group).run(
+        max_batches=max_batches, idle_exit_s=idle_exit_s
+    )
+    return 0
