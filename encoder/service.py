@@ -9,6 +9,7 @@ by (tile, model version), announced on ``tiles.embedded`` and only then committe
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -174,10 +175,13 @@ def _missing_tiles(engine: Engine, version: str, chunk: int) -> Iterator[list[tu
     after = ""
     while True:
         with engine.connect() as conn:
-            rows = [tuple(r) for r in conn.execute(sql, {"v": version, "after": after, "n": chunk})]
+            rows = [
+                (str(r[0]), str(r[1]), str(r[2]))
+                for r in conn.execute(sql, {"v": version, "after": after, "n": chunk})
+            ]
         if not rows:
             return
-        yield rows  # type: ignore[misc]
+        yield rows
         after = str(rows[-1][0])
 
 
@@ -224,7 +228,7 @@ def backfill(
             repo.upsert_embeddings(
                 engine,
                 [
-                    EmbeddingCreate(tile_id=tid, model_version=version.name, embedding=v.tolist())
+                    EmbeddingCreate(tile_id=uuid.UUID(tid), model_version=version.name, embedding=v.tolist())
                     for tid, v in zip(ok_ids, vectors, strict=True)
                 ],
             )
