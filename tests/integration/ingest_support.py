@@ -23,8 +23,11 @@ def isolated_settings(stack_settings: Settings, name: str, **over: Any) -> Setti
     uid = uuid.uuid4().hex[:8]
     prefix = f"it.{name}.{uid}"
     topics = Topics(
-        raw=f"{prefix}.raw", accepted=f"{prefix}.accepted", dead=f"{prefix}.dead",
-        embedded=f"{prefix}.embedded", alerts=f"{prefix}.alerts",
+        raw=f"{prefix}.raw",
+        accepted=f"{prefix}.accepted",
+        dead=f"{prefix}.dead",
+        embedded=f"{prefix}.embedded",
+        alerts=f"{prefix}.alerts",
     )
     settings = stack_settings.model_copy(update={"topics": topics, **over})
     ensure_topics(settings)
@@ -34,8 +37,11 @@ def isolated_settings(stack_settings: Settings, name: str, **over: Any) -> Setti
 def read_topic(settings: Settings, topic: str, *, timeout_s: float = 60.0) -> list[Any]:
     """Every record currently in ``topic``, from the beginning (no consumer group)."""
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
-        fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
     )
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
@@ -54,7 +60,9 @@ def read_topic(settings: Settings, topic: str, *, timeout_s: float = 60.0) -> li
         consumer.close()
 
 
-def wait_for(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.2, what: str = "") -> None:
+def wait_for(
+    predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.2, what: str = ""
+) -> None:
     """Poll until ``predicate()`` holds; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -67,10 +75,7 @@ def count_tiles(engine: Engine, surveys: Sequence[str]) -> tuple[int, int]:
     """(rows, distinct (survey, external_id)) for these surveys."""
     with engine.connect() as conn:
         row = conn.execute(
-            text(
-                "SELECT count(*), count(DISTINCT (survey, external_id)) FROM tiles "
-                "WHERE survey = ANY(:s)"
-            ),
+            text("SELECT count(*), count(DISTINCT (survey, external_id)) FROM tiles WHERE survey = ANY(:s)"),
             {"s": list(surveys)},
         ).one()
     return int(row[0]), int(row[1])

@@ -21,7 +21,9 @@ from ingest.service import IngestStage
 pytestmark = pytest.mark.integration
 
 
-def _bad_messages(survey: str, fits_tile: SurveyTile) -> dict[str, tuple[bytes | None, list[tuple[str, bytes]], str]]:
+def _bad_messages(
+    survey: str, fits_tile: SurveyTile
+) -> dict[str, tuple[bytes | None, list[tuple[str, bytes]], str]]:
     """key -> (value, headers, expected reason)."""
     tile_header = messages.headers("tile")
     good = fits_tile.to_record()
@@ -35,16 +37,28 @@ def _bad_messages(survey: str, fits_tile: SurveyTile) -> dict[str, tuple[bytes |
     return {
         f"{survey}/truncated": (body[: len(body) // 3], tile_header, "schema"),
         f"{survey}/bands": (
-            messages.encode("tile", record(_name="bands", bands=["g", "r"])), tile_header, "bands"),
+            messages.encode("tile", record(_name="bands", bands=["g", "r"])),
+            tile_header,
+            "bands",
+        ),
         f"{survey}/nan": (
-            messages.encode("tile", record(_name="nan", pixels=messages.pack_pixels(nan))), tile_header, "nonfinite"),
+            messages.encode("tile", record(_name="nan", pixels=messages.pack_pixels(nan))),
+            tile_header,
+            "nonfinite",
+        ),
         f"{survey}/coordinates": (
-            messages.encode("tile", record(_name="coordinates", dec=95.0)), tile_header, "coordinates"),
+            messages.encode("tile", record(_name="coordinates", dec=95.0)),
+            tile_header,
+            "coordinates",
+        ),
         f"{survey}/garbage": (os.urandom(300), tile_header, "schema"),
         f"{survey}/wrong-schema": (body, messages.headers("accepted"), "schema"),
         f"{survey}/tombstone": (None, tile_header, "schema"),
         f"{survey}/corrupt-zlib": (
-            messages.encode("tile", record(_name="zlib", pixels=b"\x78\x9c" + os.urandom(500))), tile_header, "payload"),
+            messages.encode("tile", record(_name="zlib", pixels=b"\x78\x9c" + os.urandom(500))),
+            tile_header,
+            "payload",
+        ),
     }
 
 
@@ -62,7 +76,11 @@ def test_malformed_messages_go_to_dead_letters_and_the_stream_goes_on(
     sends = []
     bad_items = list(bad.items())
     for i, tile in enumerate(good):  # interleave: every batch holds good and bad messages
-        sends.append(producer.send(settings.topics.raw, key=tile.key, value=tile.encode(), headers=messages.headers("tile")))
+        sends.append(
+            producer.send(
+                settings.topics.raw, key=tile.key, value=tile.encode(), headers=messages.headers("tile")
+            )
+        )
         key, (value, headers, _) = bad_items[i]
         sends.append(producer.send(settings.topics.raw, key=key.encode(), value=value, headers=headers))
     producer.flush()
@@ -76,7 +94,10 @@ def test_malformed_messages_go_to_dead_letters_and_the_stream_goes_on(
         wait_for(lambda: stage.counters.consumed == len(good) + len(bad), timeout_s=60, what="all consumed")
 
         dead = read_topic(settings, settings.topics.dead)
-        letters = {r.key.decode(): messages.decode("dead", r.value, header=messages.header_value(r.headers)) for r in dead}
+        letters = {
+            r.key.decode(): messages.decode("dead", r.value, header=messages.header_value(r.headers))
+            for r in dead
+        }
         assert len(dead) == len(bad) and set(letters) == set(bad)
         for key, (value, _, reason) in bad.items():
             letter = letters[key]
@@ -85,12 +106,20 @@ def test_malformed_messages_go_to_dead_letters_and_the_stream_goes_on(
             assert letter["payload"] == (value or b"") and letter["detail"]
 
         with engine.connect() as conn:
-            errors = conn.execute(
-                text("SELECT key, reason, payload, stage, \"offset\" FROM ingest_errors WHERE topic = :t"),
-                {"t": settings.topics.raw},
-            ).mappings().all()
-        assert {(bytes(e["key"]).decode(), e["reason"]) for e in errors} == {(k, v[2]) for k, v in bad.items()}
-        assert {bytes(e["key"]).decode(): bytes(e["payload"]) for e in errors} == {k: v[0] or b"" for k, v in bad.items()}
+            errors = (
+                conn.execute(
+                    text('SELECT key, reason, payload, stage, "offset" FROM ingest_errors WHERE topic = :t'),
+                    {"t": settings.topics.raw},
+                )
+                .mappings()
+                .all()
+            )
+        assert {(bytes(e["key"]).decode(), e["reason"]) for e in errors} == {
+            (k, v[2]) for k, v in bad.items()
+        }
+        assert {bytes(e["key"]).decode(): bytes(e["payload"]) for e in errors} == {
+            k: v[0] or b"" for k, v in bad.items()
+        }
         assert count_tiles(engine, [survey]) == (len(good), len(good))
         assert {r.key for r in read_topic(settings, settings.topics.accepted)} == {t.key for t in good}
 
@@ -98,7 +127,9 @@ def test_malformed_messages_go_to_dead_letters_and_the_stream_goes_on(
         assert runner.alive
         later = list(read_tiles([shared_data / "gz_decals_examples"], survey=survey, limit=2))
         for tile in later:
-            producer.send(settings.topics.raw, key=tile.key, value=tile.encode(), headers=messages.headers("tile"))
+            producer.send(
+                settings.topics.raw, key=tile.key, value=tile.encode(), headers=messages.headers("tile")
+            )
         producer.flush()
         wait_for(lambda: count_tiles(engine, [survey])[0] == len(good) + 2, timeout_s=60, what="later tiles")
     finally:

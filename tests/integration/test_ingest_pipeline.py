@@ -96,7 +96,11 @@ def test_real_tiles_are_stored_once_with_wcs_positions_and_exact_pixels(
     assert set(by_id) == {str(r["id"]) for r in rows.values()}
     for row in rows.values():
         v = by_id[str(row["id"])]
-        assert (v["checksum"], v["pixels_uri"], v["healpix"]) == (row["checksum"], row["pixels_uri"], row["healpix"])
+        assert (v["checksum"], v["pixels_uri"], v["healpix"]) == (
+            row["checksum"],
+            row["pixels_uri"],
+            row["healpix"],
+        )
     assert {r.key for r in accepted} == {f"{s}/{e}".encode() for s, e in rows}
     assert read_topic(settings, settings.topics.dead) == []
 
@@ -105,14 +109,18 @@ def test_republishing_is_idempotent(stack_settings: Settings, engine: Engine, sh
     settings = isolated_settings(stack_settings, "republish")
     survey = f"again_{uuid.uuid4().hex[:6]}"
     for _ in range(2):
-        assert publish_paths(settings, [shared_data / "legacy_dr9_fits"], survey=survey, limit=3).published == 3
+        assert (
+            publish_paths(settings, [shared_data / "legacy_dr9_fits"], survey=survey, limit=3).published == 3
+        )
     stage = IngestStage(settings, engine, group_id=f"ingest-{survey}")
     counters = StageRunner(stage, idle_exit_s=4.0).start().join(timeout_s=120)
     assert counters.consumed == 6 and counters.rejected == 0
     assert count_tiles(engine, [survey]) == (3, 3)
 
 
-def test_bench_ingest_measures_and_cleans_up(stack_settings: Settings, engine: Engine, shared_data: Path) -> None:
+def test_bench_ingest_measures_and_cleans_up(
+    stack_settings: Settings, engine: Engine, shared_data: Path
+) -> None:
     from deploy.stack import kafka_admin
     from ingest.bench import bench_ingest
 
@@ -120,7 +128,13 @@ def test_bench_ingest_measures_and_cleans_up(stack_settings: Settings, engine: E
     doc = bench_ingest(stack_settings, data=shared_data / "legacy_dr9_fits", n=12)
     assert doc["command"] == "bench ingest" and doc["data"].endswith("legacy_dr9_fits")
     rows = {r["model"]: r for r in doc["results"]}
-    assert set(rows) == {"upsert_batched", "upsert_row_by_row", "publish", "kafka_passthrough", "ingest_stage"}
+    assert set(rows) == {
+        "upsert_batched",
+        "upsert_row_by_row",
+        "publish",
+        "kafka_passthrough",
+        "ingest_stage",
+    }
     assert all(r["per_s"] > 0 and r["n"] == 12 for r in rows.values())
     assert rows["upsert_row_by_row"]["calls"] == 12
     assert count_rows(engine, "tiles") == before

@@ -41,7 +41,9 @@ def _committed(settings: Settings, group: str) -> int:
 
     with kafka_admin(settings) as admin:
         offsets = admin.list_group_offsets(group).get(group, {})
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == settings.topics.raw and meta.offset > 0)
+    return sum(
+        meta.offset for tp, meta in offsets.items() if tp.topic == settings.topics.raw and meta.offset > 0
+    )
 
 
 def test_sigkill_mid_batch_loses_and_duplicates_nothing(
@@ -52,7 +54,9 @@ def test_sigkill_mid_batch_loses_and_duplicates_nothing(
     uid = uuid.uuid4().hex[:6]
     surveys = [f"kill_dr9_{uid}", f"kill_cfhtls_{uid}"]
     published = publish_paths(settings, [shared_data / "legacy_dr9_fits"], survey=surveys[0]).published
-    published += publish_paths(settings, [shared_data / "cfhtls_lens_candidates"], survey=surveys[1], limit=40).published
+    published += publish_paths(
+        settings, [shared_data / "cfhtls_lens_candidates"], survey=surveys[1], limit=40
+    ).published
     assert published == 60
     group = f"ingest-kill-{uid}"
     log = tmp_path / "ingest.log"
@@ -80,8 +84,12 @@ def test_sigkill_mid_batch_loses_and_duplicates_nothing(
     # default), so wait for the work rather than exiting on idleness; then stop it the polite way
     proc = _ingest(settings, group, idle_exit=600, log=log)
     try:
-        wait_for(lambda: _committed(settings, group) == published or proc.poll() is not None,
-                 timeout_s=300, interval_s=1.0, what="all offsets committed after the restart")
+        wait_for(
+            lambda: _committed(settings, group) == published or proc.poll() is not None,
+            timeout_s=300,
+            interval_s=1.0,
+            what="all offsets committed after the restart",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
