@@ -46,9 +46,11 @@ def load_bench_tiles(data: Path, *, n: int) -> list[SurveyTile]:
     ValueError
         If ``data`` holds no readable tile.
     """
-    folders = [data] if (data / "labels.csv").exists() or not data.is_dir() else [
-        p for p in sorted(data.iterdir()) if p.is_dir()
-    ] or [data]
+    folders = (
+        [data]
+        if (data / "labels.csv").exists() or not data.is_dir()
+        else [p for p in sorted(data.iterdir()) if p.is_dir()] or [data]
+    )
     base = [s.read() for s in iter_sources(folders, limit=n)]
     if not base:
         raise ValueError(f"no tiles under {data}")
@@ -58,8 +60,15 @@ def load_bench_tiles(data: Path, *, n: int) -> list[SurveyTile]:
         suffix = f"~{k // len(base)}" if k >= len(base) else ""
         tiles.append(
             SurveyTile(
-                survey=t.survey, external_id=t.external_id + suffix, pixels=t.pixels, bands=t.bands,
-                pixel_scale=t.pixel_scale, ra=t.ra, dec=t.dec, header=t.header, meta=t.meta,
+                survey=t.survey,
+                external_id=t.external_id + suffix,
+                pixels=t.pixels,
+                bands=t.bands,
+                pixel_scale=t.pixel_scale,
+                ra=t.ra,
+                dec=t.dec,
+                header=t.header,
+                meta=t.meta,
             )
         )
     return tiles
@@ -68,8 +77,15 @@ def load_bench_tiles(data: Path, *, n: int) -> list[SurveyTile]:
 def _with_survey(tiles: Sequence[SurveyTile], survey: str) -> list[SurveyTile]:
     return [
         SurveyTile(
-            survey=survey, external_id=f"{t.survey}/{t.external_id}", pixels=t.pixels, bands=t.bands,
-            pixel_scale=t.pixel_scale, ra=t.ra, dec=t.dec, header=t.header, meta=t.meta,
+            survey=survey,
+            external_id=f"{t.survey}/{t.external_id}",
+            pixels=t.pixels,
+            bands=t.bands,
+            pixel_scale=t.pixel_scale,
+            ra=t.ra,
+            dec=t.dec,
+            header=t.header,
+            meta=t.meta,
         )
         for t in tiles
     ]
@@ -91,7 +107,9 @@ def _row(model: str, latencies_s: Sequence[float], *, n: int, **extra: Any) -> d
     }
 
 
-def bench_upserts(engine: Engine, tiles: Sequence[SurveyTile], *, run: str, batch_size: int) -> list[dict[str, Any]]:
+def bench_upserts(
+    engine: Engine, tiles: Sequence[SurveyTile], *, run: str, batch_size: int
+) -> list[dict[str, Any]]:
     """Time batched vs one-row-per-round-trip tile upserts (database only)."""
     from db.models import TileCreate
     from db.repo import upsert_tiles
@@ -101,10 +119,19 @@ def bench_upserts(engine: Engine, tiles: Sequence[SurveyTile], *, run: str, batc
         for t in _with_survey(tiles, survey):
             out.append(
                 TileCreate(
-                    id=uuid.UUID(t.tile_id), survey=t.survey, external_id=t.external_id, ra=t.ra,
-                    dec=t.dec, healpix=None, bands=list(t.bands), pixel_scale=t.pixel_scale,
-                    shape=list(t.pixels.shape), dtype=str(t.pixels.dtype),
-                    pixels_uri=f"bench://{t.tile_id}.npy", checksum="0" * 64, meta=dict(t.meta),
+                    id=uuid.UUID(t.tile_id),
+                    survey=t.survey,
+                    external_id=t.external_id,
+                    ra=t.ra,
+                    dec=t.dec,
+                    healpix=None,
+                    bands=list(t.bands),
+                    pixel_scale=t.pixel_scale,
+                    shape=list(t.pixels.shape),
+                    dtype=str(t.pixels.dtype),
+                    pixels_uri=f"bench://{t.tile_id}.npy",
+                    checksum="0" * 64,
+                    meta=dict(t.meta),
                 )
             )
         return out
@@ -170,15 +197,26 @@ def bench_stream(
         pub.flush()
         publish_s = time.perf_counter() - t0
     results = [
-        {"model": "publish", "n": n, "rows_per_call": 1, "calls": n, "p50_ms": None, "p95_ms": None,
-         "per_s": round(n / publish_s, 2)}
+        {
+            "model": "publish",
+            "n": n,
+            "rows_per_call": 1,
+            "calls": n,
+            "p50_ms": None,
+            "p95_ms": None,
+            "per_s": round(n / publish_s, 2),
+        }
     ]
 
     # baseline: the Kafka work alone
     consumer = KafkaConsumer(
-        settings.topics.raw, bootstrap_servers=settings.bootstrap_servers,
-        group_id=f"bench-{run}-passthrough", enable_auto_commit=False, auto_offset_reset="earliest",
-        max_poll_records=settings.batch_size, fetch_max_bytes=64 * 1024 * 1024,
+        settings.topics.raw,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=f"bench-{run}-passthrough",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.batch_size,
+        fetch_max_bytes=64 * 1024 * 1024,
     )
     producer = make_producer(settings)
     try:
@@ -189,8 +227,11 @@ def bench_stream(
             records = [r for batch in polled.values() for r in batch]
             for r in records:
                 value = messages.decode("tile", r.value, header=messages.header_value(r.headers))
-                producer.send(settings.topics.accepted, key=r.key,
-                              value=f"{value['survey']}/{value['external_id']}".encode())
+                producer.send(
+                    settings.topics.accepted,
+                    key=r.key,
+                    value=f"{value['survey']}/{value['external_id']}".encode(),
+                )
             producer.flush()
             if records:
                 consumer.commit()
@@ -245,8 +286,11 @@ def bench_ingest(
     bench_settings = settings.model_copy(
         update={
             "topics": Topics(
-                raw=f"{prefix}.raw", accepted=f"{prefix}.accepted", dead=f"{prefix}.dead",
-                embedded=settings.topics.embedded, alerts=settings.topics.alerts,
+                raw=f"{prefix}.raw",
+                accepted=f"{prefix}.accepted",
+                dead=f"{prefix}.dead",
+                embedded=settings.topics.embedded,
+                alerts=settings.topics.alerts,
             )
         }
     )

@@ -26,12 +26,18 @@ if TYPE_CHECKING:
 def register(groups: CommandGroups) -> None:
     """Add the ingest commands to the ``galsift`` command line."""
     p = groups.top.add_parser(
-        "publish", help="publish FITS/JPEG/PNG files or dataset folders to the raw topic",
+        "publish",
+        help="publish FITS/JPEG/PNG files or dataset folders to the raw topic",
         description="Publish tiles to the raw topic. Exit status 0: all published; 1: some files "
         "could not be read (listed, the rest published); 2: a path or labels.csv is unusable.",
     )
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                   help="files, or folders (with a labels.csv, or holding FITS/images)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="files, or folders (with a labels.csv, or holding FITS/images)",
+    )
     p.add_argument("--survey", help="survey name for every tile (default: the folder's name)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="publish at most N tiles")
     p.set_defaults(func=_publish)
@@ -45,22 +51,34 @@ def register(groups: CommandGroups) -> None:
     p = groups.top.add_parser("feed", help="publish the bundled demo tiles at a steady rate")
     p.add_argument("--rate", type=float, default=2.0, metavar="PER_S", help="tiles per second (default: 2)")
     p.add_argument("--once", action="store_true", help="one pass instead of looping until Ctrl-C")
-    p.add_argument("--unique", action="store_true",
-                   help="give every pass its own ids (rows grow) instead of re-publishing the same ones")
+    p.add_argument(
+        "--unique",
+        action="store_true",
+        help="give every pass its own ids (rows grow) instead of re-publishing the same ones",
+    )
     p.set_defaults(func=_feed)
 
-    p = groups.top.add_parser("fetch", help="fetch a Legacy Surveys cutout through CDS hips2fits and publish it")
+    p = groups.top.add_parser(
+        "fetch", help="fetch a Legacy Surveys cutout through CDS hips2fits and publish it"
+    )
     p.add_argument("ra", type=float, help="ICRS right ascension, degrees")
     p.add_argument("dec", type=float, help="ICRS declination, degrees")
     p.add_argument("--size", type=int, default=256, metavar="PX", help="cutout side in pixels (default: 256)")
-    p.add_argument("--pixel-scale", type=float, default=0.262, metavar="ARCSEC",
-                   help="arcsec per pixel (default: 0.262, the native scale)")
+    p.add_argument(
+        "--pixel-scale",
+        type=float,
+        default=0.262,
+        metavar="ARCSEC",
+        help="arcsec per pixel (default: 0.262, the native scale)",
+    )
     p.add_argument("--bands", default="grz", help="bands, one letter each (default: grz)")
     p.add_argument("--survey", help="survey name (default: legacy_dr10_hips)")
     p.add_argument("--dry-run", action="store_true", help="print the hips2fits requests, send nothing")
     p.set_defaults(func=_fetch)
 
-    p = groups.bench.add_parser("ingest", help="ingest stage vs Kafka passthrough; batched vs per-row upserts")
+    p = groups.bench.add_parser(
+        "ingest", help="ingest stage vs Kafka passthrough; batched vs per-row upserts"
+    )
     p.add_argument("--data", type=Path, help="dataset folder to take tiles from (default: the bundled demo)")
     p.add_argument("-n", type=_positive_int, default=256, help="tiles per measurement (default: 256)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
@@ -150,7 +168,9 @@ def _fetch(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     with TilePublisher(settings) as pub:
         pub.send(tile)
-    print(f"published {tile.survey}/{tile.external_id} ({tile.ra:.6f}, {tile.dec:+.6f}) to {settings.topics.raw}")
+    print(
+        f"published {tile.survey}/{tile.external_id} ({tile.ra:.6f}, {tile.dec:+.6f}) to {settings.topics.raw}"
+    )
     return 0
 
 

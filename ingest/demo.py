@@ -59,9 +59,7 @@ def load_demo_tiles(folder: Path | None = None) -> list[SurveyTile]:
     datasets = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not datasets:
         raise FileNotFoundError(f"no demo datasets under {root}")
-    per_set = [
-        [s.read() for s in iter_sources([d], survey=f"{DEMO_PREFIX}{d.name}")] for d in datasets
-    ]
+    per_set = [[s.read() for s in iter_sources([d], survey=f"{DEMO_PREFIX}{d.name}")] for d in datasets]
     mixed = itertools.chain.from_iterable(itertools.zip_longest(*per_set))
     return [t for t in mixed if t is not None]
 

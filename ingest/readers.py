@@ -165,15 +165,27 @@ class Source:
             if ra is None:  # the WCS is the better position; the table only fills a gap
                 ra, dec = _row_position(self.path, self.row, external_id)
             return SurveyTile(
-                survey=tile.survey, external_id=tile.external_id, pixels=tile.pixels,
-                bands=tile.bands, pixel_scale=tile.pixel_scale, ra=ra, dec=dec,
-                header=tile.header, obs_time=tile.obs_time, meta={**tile.meta, **labels},
+                survey=tile.survey,
+                external_id=tile.external_id,
+                pixels=tile.pixels,
+                bands=tile.bands,
+                pixel_scale=tile.pixel_scale,
+                ra=ra,
+                dec=dec,
+                header=tile.header,
+                obs_time=tile.obs_time,
+                meta={**tile.meta, **labels},
             )
         ra, dec = _row_position(self.path, self.row, external_id)
         scale = _row_pixel_scale(self.path, self.row)
         return read_image(
-            self.path, survey=self.survey, external_id=external_id, ra=ra, dec=dec,
-            pixel_scale=scale, meta=labels,
+            self.path,
+            survey=self.survey,
+            external_id=external_id,
+            ra=ra,
+            dec=dec,
+            pixel_scale=scale,
+            meta=labels,
         )
 
 

@@ -72,7 +72,9 @@ def check_identity(record: Mapping[str, Any]) -> None:
     if not SURVEY_PATTERN.match(survey):
         raise Rejected("identity", f"survey {survey!r} must match {SURVEY_PATTERN.pattern}")
     if not external_id or len(external_id) > MAX_EXTERNAL_ID or not external_id.isprintable():
-        raise Rejected("identity", f"external_id {external_id[:80]!r} must be 1..{MAX_EXTERNAL_ID} printable characters")
+        raise Rejected(
+            "identity", f"external_id {external_id[:80]!r} must be 1..{MAX_EXTERNAL_ID} printable characters"
+        )
 
 
 def check_geometry(record: Mapping[str, Any]) -> tuple[int, int, int]:

@@ -257,8 +257,7 @@ class LegacySurveysClass:
         }
         if get_query_payload:
             return [
-                self.service.query_async(get_query_payload=True, hips=self._hips(b), **common)
-                for b in bands
+                self.service.query_async(get_query_payload=True, hips=self._hips(b), **common) for b in bands
             ]
         responses: list[RawResponse] = []
         for band in bands:
@@ -301,9 +300,7 @@ class LegacySurveysClass:
         return cutout.to_tile(survey=self.survey, external_id=external_id)
 
     # -- parse -------------------------------------------------------------------------------
-    def parse_cutout(
-        self, responses: Sequence[RawResponse], *, coord: SkyCoord | None = None
-    ) -> Cutout:
+    def parse_cutout(self, responses: Sequence[RawResponse], *, coord: SkyCoord | None = None) -> Cutout:
         """Turn one raw response per band into a :class:`Cutout`.
 
         Parameters
@@ -333,7 +330,9 @@ class LegacySurveysClass:
         first = responses[0]
         shapes = {p.shape for p in planes}
         if len(shapes) != 1:
-            raise ParseError(f"bands differ in shape: {sorted(shapes)}", payload=first.content, params=first.params)
+            raise ParseError(
+                f"bands differ in shape: {sorted(shapes)}", payload=first.content, params=first.params
+            )
         height, width = planes[0].shape
         centres = [wcs_centre(h, width=width, height=height) for h in headers]
         ra, dec, scale = centres[0]
@@ -343,25 +342,37 @@ class LegacySurveysClass:
         centre = SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
         for raw, (bra, bdec, bscale) in zip(responses[1:], centres[1:], strict=True):
             if bra is None or bdec is None or bscale is None or not np.isclose(bscale, scale, rtol=1e-6):
-                raise ParseError(f"band {raw.band}: WCS scale differs", payload=raw.content, params=raw.params)
+                raise ParseError(
+                    f"band {raw.band}: WCS scale differs", payload=raw.content, params=raw.params
+                )
             sep = centre.separation(SkyCoord(bra * u.deg, bdec * u.deg, frame="icrs"))
             if sep > 0.01 * pixel_scale:
-                raise ParseError(f"band {raw.band}: WCS centre differs by {sep.to(u.arcsec):.3f}",
-                                 payload=raw.content, params=raw.params)
+                raise ParseError(
+                    f"band {raw.band}: WCS centre differs by {sep.to(u.arcsec):.3f}",
+                    payload=raw.content,
+                    params=raw.params,
+                )
         if coord is not None and centre.separation(coord) > pixel_scale:
             sep = centre.separation(coord).to(u.arcsec)
-            raise ParseError(f"cutout centre is {sep:.2f} from the requested position",
-                             payload=first.content, params=first.params)
+            raise ParseError(
+                f"cutout centre is {sep:.2f} from the requested position",
+                payload=first.content,
+                params=first.params,
+            )
         pixels = np.stack(planes).astype(np.float32, copy=False)
         blank = int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
         if blank:
             fraction = blank / pixels.size
             raise NoCoverageError(
                 f"{fraction:.1%} of the pixels are blank: outside the survey footprint?",
-                payload=first.content, params=first.params, blank_fraction=fraction,
+                payload=first.content,
+                params=first.params,
+                blank_fraction=fraction,
             )
         header = headers[0].copy()
-        header["BANDS"] = "".join(r.band for r in responses) if all(len(r.band) == 1 for r in responses) else ""
+        header["BANDS"] = (
+            "".join(r.band for r in responses) if all(len(r.band) == 1 for r in responses) else ""
+        )
         for i, raw in enumerate(responses):
             header[f"BAND{i}"] = raw.band
         return Cutout(
@@ -399,7 +410,9 @@ def _parse_band(raw: RawResponse) -> tuple[np.ndarray, Any]:
     if raw.status != 200:
         raise RemoteServiceError(
             f"hips2fits answered {raw.status} for band {raw.band}: {_error_message(raw.content)}",
-            status=raw.status, payload=raw.content, params=raw.params,
+            status=raw.status,
+            payload=raw.content,
+            params=raw.params,
         )
     try:
         hdul = fits.HDUList.fromstring(raw.content)
@@ -407,19 +420,28 @@ def _parse_band(raw: RawResponse) -> tuple[np.ndarray, Any]:
         data = np.asarray(hdu.data, dtype=np.float32)
         header = hdu.header.copy()
     except StopIteration:
-        raise ParseError(f"band {raw.band}: FITS without image data", payload=raw.content, params=raw.params) from None
+        raise ParseError(
+            f"band {raw.band}: FITS without image data", payload=raw.content, params=raw.params
+        ) from None
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
         raise ParseError(
             f"band {raw.band}: not a FITS image ({type(exc).__name__}: {exc})",
-            payload=raw.content, params=raw.params,
+            payload=raw.content,
+            params=raw.params,
         ) from exc
     if data.ndim != 2:
-        raise ParseError(f"band {raw.band}: expected a 2-d image, got shape {data.shape}",
-                         payload=raw.content, params=raw.params)
+        raise ParseError(
+            f"band {raw.band}: expected a 2-d image, got shape {data.shape}",
+            payload=raw.content,
+            params=raw.params,
+        )
     expected = (int(raw.params.get("height") or data.shape[0]), int(raw.params.get("width") or data.shape[1]))
     if data.shape != expected:
-        raise ParseError(f"band {raw.band}: image {data.shape}, asked for {expected}",
-                         payload=raw.content, params=raw.params)
+        raise ParseError(
+            f"band {raw.band}: image {data.shape}, asked for {expected}",
+            payload=raw.content,
+            params=raw.params,
+        )
     return data, header
 
 

@@ -38,14 +38,20 @@ def _recording() -> dict[str, Any]:
 class RecordedSession:
     """Stands in for ``requests.Session.request``: answers from the recording, logs the calls."""
 
-    def __init__(self, recording: dict[str, Any], *, override: dict[str, tuple[int, bytes, str]] | None = None) -> None:
+    def __init__(
+        self, recording: dict[str, Any], *, override: dict[str, tuple[int, bytes, str]] | None = None
+    ) -> None:
         self.exchanges = {ex["params"]["hips"]: ex for ex in recording["exchanges"]}
         self.override = override or {}
         self.calls: list[dict[str, Any]] = []
 
-    def request(self, method: str, url: str, *, params: dict[str, Any] | None = None, **kwargs: Any) -> requests.Response:
+    def request(
+        self, method: str, url: str, *, params: dict[str, Any] | None = None, **kwargs: Any
+    ) -> requests.Response:
         assert params is not None
-        self.calls.append({"method": method, "url": url, "params": dict(params), "timeout": kwargs.get("timeout")})
+        self.calls.append(
+            {"method": method, "url": url, "params": dict(params), "timeout": kwargs.get("timeout")}
+        )
         exchange = self.exchanges[params["hips"]]
         assert method == exchange["method"] and url == exchange["url"]
         assert params == exchange["params"], "the adapter's request differs from the recording"
@@ -89,7 +95,10 @@ def test_payload_only_mode_matches_the_recorded_requests(adapter: LegacySurveysC
     assert [p["hips"] for p in payloads] == [f"CDS/P/DESI-Legacy-Surveys/DR10/{b}" for b in "grz"]
     assert payloads[0]["fov"] == pytest.approx(64 * 0.262 / 3600)
     # an angular size is the same request
-    assert adapter.query_payloads(coord, size=64 * 0.262 * u.arcsec, pixel_scale=0.262 * u.arcsec, bands="grz") == payloads
+    assert (
+        adapter.query_payloads(coord, size=64 * 0.262 * u.arcsec, pixel_scale=0.262 * u.arcsec, bands="grz")
+        == payloads
+    )
 
 
 def test_fetch_cutout_from_the_recording(
@@ -126,7 +135,9 @@ def test_fetch_cutout_from_the_recording(
 def test_error_status_keeps_the_payload(adapter: LegacySurveysClass, monkeypatch: pytest.MonkeyPatch) -> None:
     recording = _recording()
     body = json.dumps({"title": "Bad request", "description": "HiPS not found"}).encode()
-    session = RecordedSession(recording, override={"CDS/P/DESI-Legacy-Surveys/DR10/r": (400, body, "application/json")})
+    session = RecordedSession(
+        recording, override={"CDS/P/DESI-Legacy-Surveys/DR10/r": (400, body, "application/json")}
+    )
     _install(monkeypatch, adapter, session)
     coord, kwargs = _request_args(recording)
     with pytest.raises(RemoteServiceError, match=r"400.*Bad request - HiPS not found") as err:
@@ -140,7 +151,9 @@ def test_garbage_body_raises_parse_error_with_the_raw_bytes(
 ) -> None:
     recording = _recording()
     body = b"<html>maintenance</html>"
-    session = RecordedSession(recording, override={"CDS/P/DESI-Legacy-Surveys/DR10/z": (200, body, "text/html")})
+    session = RecordedSession(
+        recording, override={"CDS/P/DESI-Legacy-Surveys/DR10/z": (200, body, "text/html")}
+    )
     _install(monkeypatch, adapter, session)
     coord, kwargs = _request_args(recording)
     with pytest.raises(ParseError, match="band z: not a FITS image") as err:
@@ -151,7 +164,9 @@ def test_garbage_body_raises_parse_error_with_the_raw_bytes(
 def _raw_bands(recording: dict[str, Any]) -> list[RawResponse]:
     return [
         RawResponse(
-            band=ex["params"]["hips"][-1], params=ex["params"], status=200,
+            band=ex["params"]["hips"][-1],
+            params=ex["params"],
+            status=200,
             content=(RECORDED / ex["body_file"]).read_bytes(),
         )
         for ex in recording["exchanges"]

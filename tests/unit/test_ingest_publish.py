@@ -33,7 +33,9 @@ class Producer:
         self.on_send = on_send
 
     def send(self, topic: str, *, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> Future:
-        self.sent.append({"topic": topic, "key": key, "value": value, "headers": headers, "t": time.monotonic()})
+        self.sent.append(
+            {"topic": topic, "key": key, "value": value, "headers": headers, "t": time.monotonic()}
+        )
         if self.on_send is not None:
             self.on_send(len(self.sent))
         return Future()
@@ -73,7 +75,9 @@ def test_publish_keys_headers_and_failures(tmp_path: Path, settings: Settings) -
 def test_large_tiles_travel_by_reference(shared_data: Path, settings: Settings) -> None:
     producer = Producer()
     pub = TilePublisher(settings, producer=producer, max_inline_bytes=100_000)
-    report = publish_sources(settings, iter_sources([shared_data / "legacy_dr9_fits"], limit=2), publisher=pub)
+    report = publish_sources(
+        settings, iter_sources([shared_data / "legacy_dr9_fits"], limit=2), publisher=pub
+    )
     assert report.published == 2 and report.by_reference == 2
     for sent in producer.sent:
         record = messages.decode("tile", sent["value"])
@@ -114,7 +118,9 @@ def test_demo_tiles_are_interleaved_and_named() -> None:
     tiles = demo.load_demo_tiles()
     assert len(tiles) == 123
     assert {t.survey for t in tiles} == {
-        "demo_cfhtls_lens_candidates", "demo_gz_decals_examples", "demo_legacy_dr9_fits",
+        "demo_cfhtls_lens_candidates",
+        "demo_gz_decals_examples",
+        "demo_legacy_dr9_fits",
     }
     assert len({t.survey for t in tiles[:3]}) == 3
     assert len({t.key for t in tiles}) == 123

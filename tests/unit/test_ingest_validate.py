@@ -26,7 +26,9 @@ def _record(array: np.ndarray | None = None, /, **over: Any) -> dict[str, Any]:
         "external_id": "cutout_1_2",
         "ra": 10.5,
         "dec": -1.25,
-        "bands": ["g", "r", "z"][: pixels.shape[0]] if pixels.shape[0] <= 3 else [f"b{i}" for i in range(pixels.shape[0])],
+        "bands": ["g", "r", "z"][: pixels.shape[0]]
+        if pixels.shape[0] <= 3
+        else [f"b{i}" for i in range(pixels.shape[0])],
         "pixel_scale": 0.262,
         "obs_time": None,
         "shape": list(pixels.shape),

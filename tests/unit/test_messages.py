@@ -49,7 +49,9 @@ def test_uint8_and_uncompressed_pixels() -> None:
     for compression, data in (("zlib", messages.pack_pixels(rgb)), ("none", rgb.tobytes())):
         record = _tile(dtype="uint8", shape=[3, 20, 24], compression=compression, pixels=data)
         back = messages.decode("tile", messages.encode("tile", record))
-        out = messages.unpack_pixels(back["pixels"], shape=back["shape"], dtype="uint8", compression=compression)
+        out = messages.unpack_pixels(
+            back["pixels"], shape=back["shape"], dtype="uint8", compression=compression
+        )
         np.testing.assert_array_equal(out, rgb)
 
 
@@ -63,14 +65,28 @@ def test_null_position_and_defaults() -> None:
 
 def test_accepted_and_dead_round_trip() -> None:
     accepted = {
-        "tile_id": messages.tile_id("s", "x"), "survey": "s", "external_id": "x", "ra": None,
-        "dec": None, "healpix": 12, "bands": ["R", "G", "B"], "shape": [3, 16, 16], "dtype": "uint8",
-        "pixels_uri": "file:///tmp/x.npy", "checksum": "ab" * 32,
+        "tile_id": messages.tile_id("s", "x"),
+        "survey": "s",
+        "external_id": "x",
+        "ra": None,
+        "dec": None,
+        "healpix": 12,
+        "bands": ["R", "G", "B"],
+        "shape": [3, 16, 16],
+        "dtype": "uint8",
+        "pixels_uri": "file:///tmp/x.npy",
+        "checksum": "ab" * 32,
     }
     assert messages.decode("accepted", messages.encode("accepted", accepted)) == accepted
     dead = {
-        "stage": "ingest", "reason": "nonfinite", "detail": "3 NaN", "topic": "tiles.raw",
-        "partition": 2, "offset": 41, "key": b"s/x", "payload": b"\x00\x01",
+        "stage": "ingest",
+        "reason": "nonfinite",
+        "detail": "3 NaN",
+        "topic": "tiles.raw",
+        "partition": 2,
+        "offset": 41,
+        "key": b"s/x",
+        "payload": b"\x00\x01",
     }
     assert messages.decode("dead", messages.encode("dead", dead)) == dead
 
