@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``galsift`` console script."""
+    # pgserver asks platformdirs for a runtime dir, which warns on every machine without a login
+    # session (CI, containers); /tmp is what it falls back to and is fine here
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     args = build_parser().parse_args(argv)
     settings: Settings = get_settings()
     logs.configure(settings)
