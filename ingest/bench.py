@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,37 +59,12 @@ def load_bench_tiles(data: Path, *, n: int) -> list[SurveyTile]:
     for k in range(n):
         t = base[k % len(base)]
         suffix = f"~{k // len(base)}" if k >= len(base) else ""
-        tiles.append(
-            SurveyTile(
-                survey=t.survey,
-                external_id=t.external_id + suffix,
-                pixels=t.pixels,
-                bands=t.bands,
-                pixel_scale=t.pixel_scale,
-                ra=t.ra,
-                dec=t.dec,
-                header=t.header,
-                meta=t.meta,
-            )
-        )
+        tiles.append(replace(t, external_id=t.external_id + suffix))
     return tiles
 
 
 def _with_survey(tiles: Sequence[SurveyTile], survey: str) -> list[SurveyTile]:
-    return [
-        SurveyTile(
-            survey=survey,
-            external_id=f"{t.survey}/{t.external_id}",
-            pixels=t.pixels,
-            bands=t.bands,
-            pixel_scale=t.pixel_scale,
-            ra=t.ra,
-            dec=t.dec,
-            header=t.header,
-            meta=t.meta,
-        )
-        for t in tiles
-    ]
+    return [replace(t, survey=survey, external_id=f"{t.survey}/{t.external_id}") for t in tiles]
 
 
 def _row(model: str, latencies_s: Sequence[float], *, n: int, **extra: Any) -> dict[str, Any]:

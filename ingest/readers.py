@@ -22,7 +22,7 @@ import csv
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -164,18 +164,7 @@ class Source:
             ra, dec = tile.ra, tile.dec
             if ra is None:  # the WCS is the better position; the table only fills a gap
                 ra, dec = _row_position(self.path, self.row, external_id)
-            return SurveyTile(
-                survey=tile.survey,
-                external_id=tile.external_id,
-                pixels=tile.pixels,
-                bands=tile.bands,
-                pixel_scale=tile.pixel_scale,
-                ra=ra,
-                dec=dec,
-                header=tile.header,
-                obs_time=tile.obs_time,
-                meta={**tile.meta, **labels},
-            )
+            return replace(tile, ra=ra, dec=dec, meta={**tile.meta, **labels})
         ra, dec = _row_position(self.path, self.row, external_id)
         scale = _row_pixel_scale(self.path, self.row)
         return read_image(
