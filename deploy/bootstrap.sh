@@ -12,5 +12,9 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
-java -version 2>&1 | head -1
-mvn -v 2>/dev/null | head -1
+# Report versions without a pipe: `mvn -v | head -1` under pipefail fails whenever head closes
+# the pipe before Maven has finished writing (SIGPIPE, status 141), which made set-up flaky.
+java_version=$(java -version 2>&1) || { echo "bootstrap: java is installed but does not run" >&2; exit 1; }
+mvn_version=$(mvn -v 2>/dev/null) || { echo "bootstrap: mvn is installed but does not run" >&2; exit 1; }
+echo "${java_version%%$'\n'*}"
+echo "${mvn_version%%$'\n'*}"

