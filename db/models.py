@@ -217,16 +217,9 @@ class Alert(SQLModel, table=True):
 
 
 # -- operations ----------------------------------------------------------------------------------
-class IngestError(SQLModel, table=True):
-    """An input a stage rejected, with the raw bytes, keyed by its Kafka position (idempotent)."""
+class IngestErrorBase(SQLModel):
+    """An input a stage rejected, with the raw bytes and its Kafka position."""
 
-    __tablename__ = "ingest_errors"
-    __table_args__ = (
-        UniqueConstraint("stage", "topic", "partition", "offset", name="uq_ingest_errors_position"),
-        Index("ix_ingest_errors_created_at", "created_at"),
-    )
-
-    id: int | None = Field(default=None, primary_key=True)
     stage: str = Field(max_length=64)
     reason: str = Field(max_length=64)
     detail: str
@@ -235,14 +228,27 @@ class IngestError(SQLModel, table=True):
     offset: int = Field(sa_type=BigInteger)
     key: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class IngestErrorCreate(IngestErrorBase):
+    """A rejection as a stage reports it."""
+
+
+class IngestError(IngestErrorBase, table=True):
+    """A rejected input, keyed by its Kafka position, so a replayed rejection is stored once."""
+
+    __tablename__ = "ingest_errors"
+    __table_args__ = (
+        UniqueConstraint("stage", "topic", "partition", "offset", name="uq_ingest_errors_position"),
+        Index("ix_ingest_errors_created_at", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
     created_at: datetime = _ts()
 
 
-class StageStats(SQLModel, table=True):
-    """Counters each stage worker upserts after every batch, for operators and the dashboard."""
-
-    __tablename__ = "stage_stats"
-    __table_args__ = (PrimaryKeyConstraint("stage", "worker", name="pk_stage_stats"),)
+class StageStatsBase(SQLModel):
+    """Running counters of one stage worker."""
 
     stage: str = Field(max_length=64)
     worker: str = Field(max_length=255)
@@ -252,4 +258,18 @@ class StageStats(SQLModel, table=True):
     batches: int = Field(default=0, sa_type=BigInteger)
     lag: int = Field(default=0, sa_type=BigInteger)
     started_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class StageStatsCreate(StageStatsBase):
+    """Counters as a worker reports them, with the time it reported."""
+
+    updated_at: datetime
+
+
+class StageStats(StageStatsBase, table=True):
+    """Counters each stage worker upserts after every batch, for operators and the dashboard."""
+
+    __tablename__ = "stage_stats"
+    __table_args__ = (PrimaryKeyConstraint("stage", "worker", name="pk_stage_stats"),)
+
     updated_at: datetime = _ts()

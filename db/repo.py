@@ -8,9 +8,8 @@ replaying a batch after a crash changes nothing: tiles by (survey, external_id),
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, func, text
@@ -21,18 +20,17 @@ from db.models import (
     Embedding,
     EmbeddingCreate,
     IngestError,
+    IngestErrorCreate,
     ModelVersion,
     ModelVersionCreate,
     ModelVersionPublic,
     StageStats,
+    StageStatsCreate,
     Survey,
     Tile,
     TileCreate,
     TilePublic,
 )
-
-if TYPE_CHECKING:
-    from galsift.stage import Counters, Rejection
 
 #: tables whose size operators may ask for (guards the identifier in count_rows)
 COUNTABLE = frozenset(
@@ -60,61 +58,66 @@ def upsert_tiles(engine: Engine, tiles: Sequence[TileCreate]) -> int:
         return 0
     rows = [t.model_dump() for t in tiles]
     surveys = sorted({r["survey"] for r in rows})
-    stmt = insert(Tile).values(rows)
-    update_cols = [c for c in rows[0] if c not in ("id", "survey", "external_id")]
-    stmt = stmt.on_conflict_do_update(
-        constraint="uq_tiles_survey_external_id",
-        set_={c: stmt.excluded[c] for c in update_cols},
-    )
     with engine.begin() as conn:
         conn.execute(
             insert(Survey).values([{"name": s, "description": ""} for s in surveys]).on_conflict_do_nothing()
         )
-        conn.execute(stmt)
+        # one statement, many parameter sets: SQLAlchemy compiles it once and sends the rows as
+        # multi-row VALUES pages ("insertmanyvalues"); .values(rows) would compile a new
+        # statement with rows x columns bind parameters for every batch
+        conn.execute(_TILE_UPSERT, rows)
     return len(rows)
 
 
-def record_errors(engine: Engine, rejections: Sequence[Rejection]) -> None:
+def _tile_upsert() -> Any:
+    stmt = insert(Tile)
+    keep = {"id", "survey", "external_id", "ingested_at"}
+    return stmt.on_conflict_do_update(
+        constraint="uq_tiles_survey_external_id",
+        set_={c.name: stmt.excluded[c.name] for c in Tile.__table__.columns if c.name not in keep},
+    )
+
+
+_TILE_UPSERT = _tile_upsert()
+
+
+def record_errors(engine: Engine, errors: Sequence[IngestErrorCreate]) -> None:
     """Store rejected inputs with their raw bytes; a replayed rejection is stored once."""
-    if not rejections:
+    if not errors:
         return
-    rows = [
-        {
-            "stage": r.stage,
-            "reason": r.reason,
-            "detail": r.detail,
-            "topic": r.topic,
-            "partition": r.partition,
-            "offset": r.offset,
-            "key": r.key,
-            "payload": r.payload,
-        }
-        for r in rejections
-    ]
+    rows = [e.model_dump() for e in errors]
     stmt = insert(IngestError).values(rows).on_conflict_do_nothing(constraint="uq_ingest_errors_position")
     with engine.begin() as conn:
         conn.execute(stmt)
 
 
-def upsert_stage_stats(engine: Engine, *, stage: str, worker: str, counters: Counters) -> None:
+def upsert_stage_stats(engine: Engine, stats: StageStatsCreate) -> None:
     """Record a worker's running counters (one row per stage and worker)."""
-    row = {
-        "stage": stage,
-        "worker": worker,
-        "consumed": counters.consumed,
-        "accepted": counters.accepted,
-        "rejected": counters.rejected,
-        "batches": counters.batches,
-        "lag": counters.lag,
-        "started_at": datetime.fromtimestamp(counters.started_at, UTC),
-        "updated_at": datetime.now(UTC),
-    }
+    row = stats.model_dump()
     stmt = insert(StageStats).values(row)
     stmt = stmt.on_conflict_do_update(
         constraint="pk_stage_stats", set_={k: stmt.excluded[k] for k in row if k not in ("stage", "worker")}
     )
     with engine.begin() as conn:
         conn.execute(stmt)
+
+
+class DbRecorder:
+    """Records a stage's rejections and counters in ``ingest_errors`` and ``stage_stats``.
+
+    The stage hands plain rows (it knows no table); they are validated into the create models.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def record_errors(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Store rejections; a replayed one is stored once."""
+        record_errors(self.engine, [IngestErrorCreate.model_validate(r) for r in rows])
+
+    def record_stats(self, row: Mapping[str, Any]) -> None:
+        """Upsert one worker's counters."""
+        upsert_stage_stats(self.engine, StageStatsCreate.model_validate(row))
 
 
 def upsert_embeddings(engine: Engine, rows: Sequence[EmbeddingCreate]) -> int:
@@ -177,6 +180,62 @@ def tiles_by_id(engine: Engine, ids: Sequence[str | uuid.UUID]) -> list[TilePubl
     with Session(engine) as session:
         rows = session.exec(select(Tile).where(col(Tile.id).in_(keys))).all()
         return [TilePublic.model_validate(r) for r in rows]
+
+
+def count_missing_embeddings(engine: Engine, version: str) -> int:
+    """Tiles that have no embedding by model ``version`` yet."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM tiles t WHERE NOT EXISTS (SELECT 1 FROM embeddings e "
+                    "WHERE e.tile_id = t.id AND e.model_version = :v)"
+                ),
+                {"v": version},
+            ).scalar_one()
+        )
+
+
+def iter_missing_embeddings(
+    engine: Engine, version: str, *, chunk: int
+) -> Iterator[list[tuple[str, str, str]]]:
+    """Chunks of (tile id, pixels URI, checksum) of tiles without an embedding by ``version``.
+
+    Re-querying after each chunk (keyset pagination on the id) makes a backfill restartable at any
+    point: whatever was written is skipped next time.
+    """
+    sql = text(
+        "SELECT t.id::text, t.pixels_uri, t.checksum FROM tiles t WHERE NOT EXISTS "
+        "(SELECT 1 FROM embeddings e WHERE e.tile_id = t.id AND e.model_version = :v) "
+        "AND t.id::text > :after ORDER BY t.id::text LIMIT :n"
+    )
+    after = ""
+    while True:
+        with engine.connect() as conn:
+            rows = [
+                (str(r[0]), str(r[1]), str(r[2]))
+                for r in conn.execute(sql, {"v": version, "after": after, "n": chunk})
+            ]
+        if not rows:
+            return
+        yield rows
+        after = rows[-1][0]
+
+
+def delete_stage_stats(engine: Engine, *, stage: str, worker: str) -> None:
+    """Forget one worker's counters (a benchmark's worker is not a service)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("DELETE FROM stage_stats WHERE stage = :s AND worker = :w"), {"s": stage, "w": worker}
+        )
+
+
+def delete_surveys(engine: Engine, *, prefix: str) -> None:
+    """Delete the surveys whose name starts with ``prefix`` and their tiles (benchmark clean-up)."""
+    pattern = prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM tiles WHERE survey LIKE :p"), {"p": pattern})
+        conn.execute(text("DELETE FROM surveys WHERE name LIKE :p"), {"p": pattern})
 
 
 def count_rows(engine: Engine, table: str, **where: Any) -> int:

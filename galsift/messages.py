@@ -58,10 +58,17 @@ def encode(name: str, record: dict[str, Any]) -> bytes:
         If the record does not match the schema (reason ``schema``).
     """
     schema = _parsed(name)
-    try:
-        validate(record, schema, raise_errors=True)
-    except ValidationError as exc:
-        raise MessageError("schema", f"{schema_id(name)}: {exc}") from exc
+    # Validate a copy whose byte strings are empty: the types are checked all the same, but
+    # fastavro renders the datum into the message of every union branch it rules out (0.8 MB of
+    # pixels, or ~0.15 ms per small record). The quiet check is ~10x cheaper; only a record that
+    # fails it is validated again, loudly, for the message.
+    light = {k: b"" if isinstance(v, bytes | bytearray) else v for k, v in record.items()}
+    if not validate(light, schema, raise_errors=False):
+        try:
+            validate(light, schema, raise_errors=True)
+        except ValidationError as exc:
+            raise MessageError("schema", f"{schema_id(name)}: {exc}") from exc
+        raise MessageError("schema", f"{schema_id(name)}: record does not match")  # pragma: no cover
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, schema, record)
     return buf.getvalue()
@@ -120,9 +127,19 @@ def tile_id(survey: str, external_id: str) -> str:
     return str(uuid.uuid5(TILE_NAMESPACE, f"{survey}/{external_id}"))
 
 
-def pack_pixels(pixels: np.ndarray, *, level: int = 3) -> bytes:
-    """Compress a C-order pixel array for the ``pixels`` field (zlib)."""
-    return zlib.compress(np.ascontiguousarray(pixels).tobytes(), level)
+def pack_pixels(pixels: np.ndarray, *, compression: str = "zlib", level: int = 1) -> bytes:
+    """C-order pixel bytes for the ``pixels`` field, raw (``none``) or zlib-compressed.
+
+    Publishers send raw bytes (``compression="none"``): zlib runs at ~20 MB/s and bounded publishing at ~100 tiles/s,
+    while survey pixels shrink only ~1.4x. Compression, where the network needs it, belongs to
+    the Kafka producer (``kafka_compression``), which does it per batch in C.
+    """
+    raw = np.ascontiguousarray(pixels).tobytes()
+    if compression == "none":
+        return raw
+    if compression == "zlib":
+        return zlib.compress(raw, level)
+    raise ValueError(f"unknown pixel compression {compression!r}")
 
 
 def unpack_pixels(

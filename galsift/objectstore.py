@@ -26,6 +26,8 @@ class ObjectStore:
     def __init__(self, root_url: str) -> None:
         self.root_url = root_url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.root_url)
+        #: directories already made by this store: one makedirs per directory, not per tile
+        self._made: set[str] = set()
 
     def uri(self, key: str) -> str:
         """Full URI of ``key``."""
@@ -40,7 +42,10 @@ class ObjectStore:
         np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
         data = buf.getvalue()
         path = f"{self.root}/{key}"
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        parent = path.rsplit("/", 1)[0]
+        if parent not in self._made:
+            self.fs.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
         # write to a temporary name and rename, so a crash never leaves a half-written tile
         tmp = f"{path}.tmp"
         with self.fs.open(tmp, "wb") as fh:

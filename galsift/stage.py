@@ -12,28 +12,46 @@ anywhere replays the batch and never loses it; idempotent writes make the replay
 This follows ALeRCE's ``apf`` step (manual commits after output) and AMPEL's workers (an
 exception for one item is recorded with context and the rest carry on; ``raise_exc`` makes tests
 strict).
+
+Faults of the things a stage depends on never kill it: a broker restart, a rebalance that makes
+the commit fail (``CommitFailedError``), or a database that stops answering raise
+:class:`Unavailable` out of :meth:`Stage.run_once`; :meth:`Stage.run` logs one line, drops the
+consumer without committing, waits with back-off and joins the group again, which replays the
+uncommitted batch (harmless: writes are upserts). One line is logged again on recovery.
+
+The stage knows no table: rejections and counters go to a :class:`Recorder` (the database's,
+``db.repo.DbRecorder``, in the services) as plain rows.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
+import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from sqlalchemy import Engine
+from kafka.errors import KafkaError
 
 from galsift import messages
+from galsift.kafka import check_accelerations, make_consumer, make_producer
 from galsift.settings import Settings
 
 log = logging.getLogger(__name__)
 
 P = TypeVar("P")
+
+#: errno values that mean the object store cannot take writes (replay later, never dead-letter)
+_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 class Rejected(Exception):  # noqa: N818 - it names an outcome, like StopIteration
@@ -57,6 +75,13 @@ class Envelope:
     value: dict[str, Any]
 
 
+class Unavailable(Exception):  # noqa: N818 - it names a state, like TimeoutError
+    """A dependency (broker, database, object store) failed: the batch was not committed.
+
+    The stage rejoins its group and replays the batch; nothing about the items is recorded.
+    """
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A rejected input, kept whole so nothing is lost."""
@@ -69,6 +94,10 @@ class Rejection:
     offset: int
     key: bytes | None
     payload: bytes
+
+    def as_row(self) -> dict[str, Any]:
+        """The rejection as a plain row (the columns of the database's error table)."""
+        return asdict(self)
 
     def as_message(self) -> dict[str, Any]:
         """The ``dead.v1`` record for the dead-letter topic."""
@@ -104,6 +133,40 @@ class Counters:
     lag: int = 0
     started_at: float = field(default_factory=time.time)
 
+    def as_row(self, *, stage: str, worker: str) -> dict[str, Any]:
+        """The counters as a plain row (the columns of the database's stage-stats table)."""
+        return {
+            "stage": stage,
+            "worker": worker,
+            "consumed": self.consumed,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "batches": self.batches,
+            "lag": self.lag,
+            "started_at": datetime.fromtimestamp(self.started_at, UTC),
+            "updated_at": datetime.now(UTC),
+        }
+
+
+class Recorder(Protocol):
+    """Where a stage records rejected items and its counters (the database, in the services)."""
+
+    def record_errors(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Store rejections (rows from :meth:`Rejection.as_row`); replays must be harmless."""
+
+    def record_stats(self, row: Mapping[str, Any]) -> None:
+        """Store one worker's counters (a row from :meth:`Counters.as_row`)."""
+
+
+class NullRecorder:
+    """A recorder that keeps nothing (benchmarks and tests of the loop alone)."""
+
+    def record_errors(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Drop the rows."""
+
+    def record_stats(self, row: Mapping[str, Any]) -> None:
+        """Drop the row."""
+
 
 class Stage(ABC, Generic[P]):
     """Base class of ingest, encoder and detector services.
@@ -112,8 +175,8 @@ class Stage(ABC, Generic[P]):
     ----------
     settings
         The process settings.
-    engine
-        SQLAlchemy engine of the galsift database (errors and counters are recorded there).
+    recorder
+        Where rejected items and counters are recorded (``db.repo.DbRecorder`` in the services).
     group_id
         Kafka consumer group; defaults to the stage name, so workers of one stage share the work.
     raise_exc
@@ -128,24 +191,29 @@ class Stage(ABC, Generic[P]):
     output_schema: ClassVar[str | None] = None
     #: retries of a failing batch write before items are written one by one
     max_write_retries: ClassVar[int] = 3
+    #: longest wait between attempts while a dependency is down
+    max_backoff_s: ClassVar[float] = 30.0
 
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        recorder: Recorder,
         *,
         group_id: str | None = None,
         raise_exc: bool = False,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        self.recorder = recorder
         self.group_id = group_id or self.name
         self.raise_exc = raise_exc
         self.counters = Counters()
         self._stop = False
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
-        self._last_stats = 0.0
+        self._last_stats = self._last_lag = self._last_log = 0.0
+        #: the fault being ridden out, if any (logged once when it starts and once when it ends)
+        self._fault: str | None = None
+        self._fault_since = 0.0
 
     # -- what a stage implements -------------------------------------------------------------
     @property
@@ -174,42 +242,24 @@ class Stage(ABC, Generic[P]):
         return self.write(prepared)
 
     def record_rejections(self, rejections: Sequence[Rejection]) -> None:
-        """Record rejected items in the database (the ``ingest_errors`` table)."""
-        from db.repo import record_errors
-
-        record_errors(self.engine, rejections)
+        """Record rejected items with the recorder."""
+        self.recorder.record_errors([r.as_row() for r in rejections])
 
     def record_stats(self) -> None:
-        """Publish counters for operators and the dashboard (the ``stage_stats`` table)."""
-        from db.repo import upsert_stage_stats
-
-        upsert_stage_stats(self.engine, stage=self.name, worker=self.worker_id, counters=self.counters)
+        """Publish counters for operators and the dashboard."""
+        self.recorder.record_stats(self.counters.as_row(stage=self.name, worker=self.worker_id))
 
     # -- Kafka plumbing ------------------------------------------------------------------------
     @property
     def worker_id(self) -> str:
         """A name for this process within its consumer group."""
-        import os
-        import socket
-
         return f"{socket.gethostname()}:{os.getpid()}"
 
     def consumer(self) -> KafkaConsumer:
         """The consumer-group member; auto-commit is off, offsets are committed by :meth:`run_once`."""
         if self._consumer is None:
-            self._consumer = KafkaConsumer(
-                self.input_topic,
-                bootstrap_servers=self.settings.bootstrap_servers,
-                group_id=self.group_id,
-                client_id=f"galsift-{self.name}",
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_poll_records=self.settings.batch_size,
-                # a batch on a slow CPU encoder can take minutes: stay in the group meanwhile
-                max_poll_interval_ms=600_000,
-                # but notice a crashed member within seconds, so its partitions move on quickly
-                session_timeout_ms=10_000,
-                heartbeat_interval_ms=3_000,
+            self._consumer = make_consumer(
+                self.settings, self.input_topic, group_id=self.group_id, client_id=f"galsift-{self.name}"
             )
         return self._consumer
 
@@ -223,14 +273,32 @@ class Stage(ABC, Generic[P]):
     def run(self, *, max_batches: int | None = None, idle_exit_s: float | None = None) -> Counters:
         """Loop until stopped (SIGINT/SIGTERM), ``max_batches`` or ``idle_exit_s`` without input."""
         self._install_signal_handlers()
+        check_accelerations()
         idle_since = time.monotonic()
         batches = 0
+        backoff = 1.0
         log.info(
             "%s starting: %s -> %s (group %s)", self.name, self.input_topic, self.output_topic, self.group_id
         )
         try:
             while not self._stop:
-                n = self.run_once()
+                try:
+                    n = self.run_once()
+                except Unavailable as exc:
+                    self._on_fault(exc)
+                    self._sleep(backoff)
+                    backoff = min(2 * backoff, self.max_backoff_s)
+                    idle_since = time.monotonic()
+                    continue
+                if self._fault is not None and n:
+                    log.warning(
+                        "%s RECOVERED after %.1f s (%s)",
+                        self.name,
+                        time.monotonic() - self._fault_since,
+                        self._fault,
+                    )
+                    self._fault = None
+                    backoff = 1.0
                 if n:
                     batches += 1
                     idle_since = time.monotonic()
@@ -243,24 +311,46 @@ class Stage(ABC, Generic[P]):
         return self.counters
 
     def run_once(self) -> int:
-        """Consume, process, write, publish and commit one batch; return the records consumed."""
-        consumer = self.consumer()
-        polled = consumer.poll(
-            timeout_ms=self.settings.batch_timeout_ms, max_records=self.settings.batch_size
-        )
+        """Consume, process, write, publish and commit one batch; return the records consumed.
+
+        Raises
+        ------
+        Unavailable
+            When the broker, the database or the object store failed; nothing was committed.
+        """
+        try:
+            consumer = self.consumer()
+            polled = consumer.poll(
+                timeout_ms=self.settings.batch_timeout_ms, max_records=self.settings.batch_size
+            )
+        except KafkaError as exc:
+            raise Unavailable(f"kafka poll: {type(exc).__name__}: {exc}") from exc
         records = [r for batch in polled.values() for r in batch]
         if not records:
             self._maybe_stats(force=False)
             return 0
-        self.counters.consumed += len(records)
         prepared, rejections = self._prepare_all(records)
         outputs, write_rejections = self._write_with_retries(prepared, records)
         rejections.extend(write_rejections)
-        self._publish(outputs, rejections)
+        try:
+            self._publish(outputs, rejections)
+        except KafkaError as exc:
+            raise Unavailable(f"kafka produce: {type(exc).__name__}: {exc}") from exc
         if rejections:
-            self.record_rejections(rejections)
-        # everything this batch produced is durable: now, and only now, move the offsets
-        consumer.commit()
+            try:
+                self.record_rejections(rejections)
+            except Exception as exc:
+                if self.raise_exc or not self._store_down(exc):
+                    raise
+                raise Unavailable(f"recording rejections: {type(exc).__name__}: {exc}") from exc
+        # everything this batch produced is durable: now, and only now, move the offsets.
+        # A commit refused after a rebalance or a broker restart (CommitFailedError: the group
+        # forgot this member) means another member, or this one after rejoining, replays it.
+        try:
+            consumer.commit()
+        except KafkaError as exc:
+            raise Unavailable(f"kafka commit: {type(exc).__name__}: {exc}") from exc
+        self.counters.consumed += len(records)
         self.counters.batches += 1
         self.counters.accepted += len(prepared) - len(write_rejections)
         self.counters.rejected += len(rejections)
@@ -299,11 +389,20 @@ class Stage(ABC, Generic[P]):
             except Rejected as exc:  # the whole batch is bad for one reason: isolate below
                 log.warning("%s: batch write rejected (%s); isolating items", self.name, exc)
                 break
-            except Exception:
+            except Exception as exc:
                 if self.raise_exc:
                     raise
                 self.counters.write_retries += 1
-                log.exception("%s: batch write failed (attempt %d)", self.name, attempt + 1)
+                log.warning(
+                    "%s: batch write failed (attempt %d): %s: %s",
+                    self.name,
+                    attempt + 1,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "",
+                )
+                if self._store_down(exc) and attempt == self.max_write_retries - 1:
+                    # not the items' fault: replay the whole batch once the store is back
+                    raise Unavailable(f"store: {type(exc).__name__}: {exc}") from exc
                 time.sleep(delay)
                 delay *= 2
         # AMPEL-style isolation: one poisonous item must not block its neighbours forever
@@ -317,15 +416,45 @@ class Stage(ABC, Generic[P]):
             except Exception as exc:
                 # a store that keeps failing is not bad input: stop without committing, replay later
                 if self._store_down(exc):
-                    raise
+                    raise Unavailable(f"store: {type(exc).__name__}: {exc}") from exc
                 rejections.append(self._rejection_env(env, "write", f"{type(exc).__name__}: {exc}"))
         return outputs, rejections
 
-    def _store_down(self, exc: Exception) -> bool:
+    def _store_down(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the database or object store is unreachable (not the item's fault)."""
         from sqlalchemy.exc import InterfaceError, OperationalError
 
-        return isinstance(exc, OperationalError | InterfaceError | ConnectionError | TimeoutError)
+        if isinstance(exc, OperationalError | InterfaceError | ConnectionError | TimeoutError):
+            return True
+        # a full, read-only or failing disk is the store's fault, not the item's
+        return isinstance(exc, OSError) and exc.errno in _STORE_ERRNOS
+
+    def _on_fault(self, exc: Unavailable) -> None:
+        """Log the fault once, drop the consumer without committing so the batch replays."""
+        text = str(exc).splitlines()[0][:300]
+        if self._fault is None:
+            self._fault, self._fault_since = text, time.monotonic()
+            log.warning("%s FAULT, will retry and replay the uncommitted batch: %s", self.name, text)
+        else:
+            log.debug("%s still failing: %s", self.name, text)
+        self._drop_clients()
+
+    def _drop_clients(self) -> None:
+        """Close the Kafka clients without committing; the next batch makes new ones."""
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        if consumer is not None:
+            with suppress(Exception):
+                consumer.close(autocommit=False)
+        if producer is not None:
+            with suppress(Exception):
+                producer.close(timeout=5)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, waking early when asked to stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < deadline:
+            time.sleep(min(0.2, seconds))
 
     def _publish(self, outputs: list[Output], rejections: list[Rejection]) -> None:
         if not outputs and not rejections:
@@ -355,7 +484,7 @@ class Stage(ABC, Generic[P]):
             )
         producer.flush()
         for fut in futures:
-            fut.get(timeout=30)  # raise if the broker refused anything: then no commit happens
+            fut.get(timeout=120)  # raise if the broker refused anything: then no commit happens
 
     def _rejection(self, rec: Any, reason: str, detail: str) -> Rejection:
         payload = rec.value if rec.value is not None else b""
@@ -367,33 +496,44 @@ class Stage(ABC, Generic[P]):
         )
 
     def _maybe_stats(self, *, force: bool) -> None:
+        """Record counters at most once a second while busy (``force``), every 10 s when idle.
+
+        Recording after every batch cost a database round trip per batch; once a second keeps
+        the operators' view fresh at any rate.
+        """
         now = time.time()
-        if not force and now - self._last_stats < 10:
+        if now - self._last_stats < (1.0 if force else 10.0):
             return
-        if now - self._last_stats >= 5:
+        if now - self._last_lag >= 5:
             self.counters.lag = self._lag()
+            self._last_lag = now
         self._last_stats = now
         try:
             self.record_stats()
-        except Exception:  # counters are for operators; never stop the stream for them
-            log.warning("%s: could not record stats", self.name, exc_info=True)
-        log.info(
-            "%s stats consumed=%d accepted=%d rejected=%d lag=%d batches=%d",
-            self.name,
-            self.counters.consumed,
-            self.counters.accepted,
-            self.counters.rejected,
-            self.counters.lag,
-            self.counters.batches,
-        )
+        except Exception as exc:  # counters are for operators; never stop the stream for them
+            log.warning("%s: could not record stats: %s", self.name, str(exc).splitlines()[0][:200])
+        if now - self._last_log >= 10:
+            self._last_log = now
+            log.info(
+                "%s stats consumed=%d accepted=%d rejected=%d lag=%d batches=%d",
+                self.name,
+                self.counters.consumed,
+                self.counters.accepted,
+                self.counters.rejected,
+                self.counters.lag,
+                self.counters.batches,
+            )
 
     def _lag(self) -> int:
         consumer = self.consumer()
         assigned: set[TopicPartition] = consumer.assignment()
         if not assigned:
             return 0
-        ends = consumer.end_offsets(list(assigned))
-        return int(sum(max(0, ends[tp] - consumer.position(tp)) for tp in assigned))
+        try:
+            ends = consumer.end_offsets(list(assigned))
+            return int(sum(max(0, ends[tp] - consumer.position(tp)) for tp in assigned))
+        except KafkaError:  # a broker away for a moment: keep the last figure
+            return self.counters.lag
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current batch and exit."""
@@ -421,14 +561,15 @@ class Stage(ABC, Generic[P]):
             self._consumer = None
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
-    """A producer that waits for all in-sync replicas and retries without reordering."""
-    return KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        acks="all",
-        linger_ms=20,
-        retries=10,
-        max_in_flight_requests_per_connection=1,
-        max_request_size=16 * 1024 * 1024,
-        compression_type=None,
-    )
+__all__ = [
+    "Counters",
+    "Envelope",
+    "NullRecorder",
+    "Output",
+    "Recorder",
+    "Rejected",
+    "Rejection",
+    "Stage",
+    "Unavailable",
+    "make_producer",
+]

@@ -6,11 +6,15 @@ Four measurements on the same tiles, on the running stack (``galsift stack up``)
     ``db.repo.upsert_tiles`` with ``batch_size`` rows per statement (what the stage does).
 ``upsert_row_by_row``
     the same rows, one statement and transaction per row (the baseline the batching beats).
+``publish``
+    :class:`~ingest.publish.TilePublisher` sending the tiles to the raw topic (read from disk
+    beforehand, so this is encoding and producing).
+``kafka_raw_consume``
+    the ceiling: kafka-python fetching the same messages in the stage's batches with the
+    stage's client settings and committing, without decoding or producing anything.
 ``ingest_stage``
-    the full :class:`~ingest.service.IngestStage` batch: consume, decode, validate, decompress,
-    object store, HEALPix, multi-row upsert, publish accepted, commit.
-``kafka_passthrough``
-    the floor under it: consume, decode the Avro body, produce a small message, flush, commit.
+    the full :class:`~ingest.service.IngestStage` batch: consume, decode, validate, object
+    store, HEALPix, multi-row upsert, publish accepted, commit.
 
 Latencies are per call (one statement, or one consumed batch); ``per_s`` is tiles per second.
 Everything runs on throw-away topics (``bench.<run>.*``) and surveys (``bench_<run>_*``), removed
@@ -28,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from galsift import messages
+from db.repo import delete_stage_stats, delete_surveys
+from galsift.kafka import ensure_topics, kafka_admin, make_consumer
 from galsift.settings import Settings, Topics
-from galsift.stage import make_producer
 from ingest.publish import TilePublisher
 from ingest.readers import SurveyTile, iter_sources
 
@@ -67,9 +71,13 @@ def _with_survey(tiles: Sequence[SurveyTile], survey: str) -> list[SurveyTile]:
     return [replace(t, survey=survey, external_id=f"{t.survey}/{t.external_id}") for t in tiles]
 
 
-def _row(model: str, latencies_s: Sequence[float], *, n: int, **extra: Any) -> dict[str, Any]:
+def _row(
+    model: str, latencies_s: Sequence[float], *, n: int, mb: float | None = None, **extra: Any
+) -> dict[str, Any]:
     ms = np.asarray(latencies_s) * 1000.0
     total = float(np.sum(latencies_s))
+    if mb is not None and total > 0:
+        extra["mb_per_s"] = round(mb / total, 1)
     return {
         "model": model,
         "n": n,
@@ -159,17 +167,16 @@ def _join(consumer: Any) -> None:
 def bench_stream(
     settings: Settings, engine: Engine, tiles: Sequence[SurveyTile], *, run: str, timeout_s: float = 600
 ) -> list[dict[str, Any]]:
-    """Time the full ingest stage against a decode-and-forward Kafka loop on the same messages."""
-    from kafka import KafkaConsumer
-
+    """Time publishing, the raw consume rate (the ceiling) and the full ingest stage on the same messages."""
     from ingest.service import IngestStage
 
     n = len(tiles)
     stage_tiles = _with_survey(tiles, f"bench_{run}_stage")
+    mb = 0.0
     with TilePublisher(settings) as pub:
         t0 = time.perf_counter()
         for t in stage_tiles:
-            pub.send(t)
+            mb += pub.send(t)[0] / 1e6
         pub.flush()
         publish_s = time.perf_counter() - t0
     results = [
@@ -181,43 +188,26 @@ def bench_stream(
             "p50_ms": None,
             "p95_ms": None,
             "per_s": round(n / publish_s, 2),
+            "mb_per_s": round(mb / publish_s, 1),
         }
     ]
 
-    # baseline: the Kafka work alone
-    consumer = KafkaConsumer(
-        settings.topics.raw,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=f"bench-{run}-passthrough",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=settings.batch_size,
-        fetch_max_bytes=64 * 1024 * 1024,
-    )
-    producer = make_producer(settings)
+    # the ceiling: kafka-python fetching the same messages, with no decoding and no producing
+    consumer = make_consumer(settings, settings.topics.raw, group_id=f"bench-{run}-raw")
     try:
         _join(consumer)
 
-        def passthrough() -> int:
+        def raw_consume() -> int:
             polled = consumer.poll(timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_size)
-            records = [r for batch in polled.values() for r in batch]
-            for r in records:
-                value = messages.decode("tile", r.value, header=messages.header_value(r.headers))
-                producer.send(
-                    settings.topics.accepted,
-                    key=r.key,
-                    value=f"{value['survey']}/{value['external_id']}".encode(),
-                )
-            producer.flush()
-            if records:
+            n_records = sum(len(batch) for batch in polled.values())
+            if n_records:
                 consumer.commit()
-            return len(records)
+            return n_records
 
-        lat = _drain(passthrough, n, timeout_s=timeout_s)
+        lat = _drain(raw_consume, n, timeout_s=timeout_s)
     finally:
-        producer.close()
         consumer.close(autocommit=False)
-    results.append(_row("kafka_passthrough", lat, n=n))
+    results.append(_row("kafka_raw_consume", lat, n=n, mb=mb))
 
     stage = IngestStage(settings, engine, group_id=f"bench-{run}-stage")
     try:
@@ -226,12 +216,8 @@ def bench_stream(
     finally:
         stage.close()
         # the bench worker is not a service: keep it off the operators' stage_stats
-        with engine.begin() as conn:
-            conn.execute(
-                text("DELETE FROM stage_stats WHERE stage = :s AND worker = :w"),
-                {"s": stage.name, "w": stage.worker_id},
-            )
-    results.append(_row("ingest_stage", lat, n=n))
+        delete_stage_stats(engine, stage=stage.name, worker=stage.worker_id)
+    results.append(_row("ingest_stage", lat, n=n, mb=mb))
     return results
 
 
@@ -254,7 +240,6 @@ def bench_ingest(
         Longest a stream measurement may take.
     """
     from db.engine import get_engine
-    from deploy.stack import ensure_topics, kafka_admin
 
     run = uuid.uuid4().hex[:8]
     tiles = load_bench_tiles(data, n=n)
@@ -288,10 +273,7 @@ def bench_ingest(
 def _clean(settings: Settings, engine: Engine, run: str) -> None:
     from galsift.objectstore import ObjectStore
 
-    pattern = f"bench\\_{run}\\_%"
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM tiles WHERE survey LIKE :p"), {"p": pattern})
-        conn.execute(text("DELETE FROM surveys WHERE name LIKE :p"), {"p": pattern})
+    delete_surveys(engine, prefix=f"bench_{run}_")
     store = ObjectStore(settings.pixel_store_url)
     path = f"{store.root}/tiles/bench_{run}_stage"
     if store.fs.exists(path):
@@ -300,7 +282,7 @@ def _clean(settings: Settings, engine: Engine, run: str) -> None:
 
 def format_table(doc: dict[str, Any]) -> str:
     """The results as a fixed-width table."""
-    head = f"{'model':<20} {'n':>6} {'rows/call':>9} {'p50 ms':>9} {'p95 ms':>9} {'tiles/s':>9}"
+    head = f"{'model':<20} {'n':>6} {'rows/call':>9} {'p50 ms':>9} {'p95 ms':>9} {'tiles/s':>9} {'MB/s':>7}"
     lines = [head, "-" * len(head)]
 
     def fmt(v: Any) -> str:
@@ -309,6 +291,6 @@ def format_table(doc: dict[str, Any]) -> str:
     for r in doc["results"]:
         lines.append(
             f"{r['model']:<20} {r['n']:>6} {r['rows_per_call']:>9} {fmt(r['p50_ms']):>9} "
-            f"{fmt(r['p95_ms']):>9} {fmt(r['per_s']):>9}"
+            f"{fmt(r['p95_ms']):>9} {fmt(r['per_s']):>9} {fmt(r.get('mb_per_s')):>7}"
         )
     return "\n".join(lines)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from galsift import messages
+from galsift.kafka import make_producer
 from galsift.settings import Settings
-from galsift.stage import make_producer
 from ingest.readers import SurveyTile, iter_sources
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from typing import Any
 from kafka import KafkaProducer
 
 from galsift import messages
+from galsift.kafka import make_producer
 from galsift.objectstore import ObjectStore
 from galsift.settings import Settings
-from galsift.stage import make_producer
 from ingest.readers import ReaderError, Source, SurveyTile, iter_sources
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ class SurveyTile:
         return messages.tile_id(self.survey, self.external_id)
 
     def to_record(self, *, pixels_uri: str | None = None) -> dict[str, Any]:
-        """The ``tile.v1`` record; pixels inline (zlib) unless ``pixels_uri`` points at a copy."""
+        """The ``tile.v1`` record; raw pixels inline unless ``pixels_uri`` points at a copy."""
         return {
             "survey": self.survey,
             "external_id": self.external_id,
@@ -122,8 +122,8 @@ class SurveyTile:
             "obs_time": self.obs_time,
             "shape": [int(n) for n in self.pixels.shape],
             "dtype": str(self.pixels.dtype),
-            "compression": "zlib",
-            "pixels": None if pixels_uri else messages.pack_pixels(self.pixels),
+            "compression": "none",
+            "pixels": None if pixels_uri else messages.pack_pixels(self.pixels, compression="none"),
             "pixels_uri": pixels_uri,
             "header": self.header,
             "meta": dict(self.meta),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -18,6 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 from sqlalchemy import Engine
 
+from db.models import TileCreate
+from db.repo import DbRecorder, upsert_tiles
 from galsift import messages
 from galsift.constants import HEALPIX_ORDER
 from galsift.objectstore import ObjectStore
@@ -64,6 +67,10 @@ def healpix_index(ra: float | None, dec: float | None, *, order: int = HEALPIX_O
     return int(index)
 
 
+#: threads writing pixels to the object store (I/O bound: more than the cores is fine)
+STORE_THREADS = 4
+
+
 class IngestStage(Stage[PreparedTile]):
     """Validate raw tiles, store their pixels and rows, publish them as accepted.
 
@@ -94,8 +101,10 @@ class IngestStage(Stage[PreparedTile]):
         raise_exc: bool = False,
         store: ObjectStore | None = None,
     ) -> None:
-        super().__init__(settings, engine, group_id=group_id, raise_exc=raise_exc)
+        super().__init__(settings, DbRecorder(engine), group_id=group_id, raise_exc=raise_exc)
+        self.engine = engine
         self.store = store or ObjectStore(settings.pixel_store_url)
+        self._writers: ThreadPoolExecutor | None = None
 
     @property
     def input_topic(self) -> str:
@@ -106,6 +115,18 @@ class IngestStage(Stage[PreparedTile]):
     def output_topic(self) -> str:
         """``settings.topics.accepted``."""
         return self.settings.topics.accepted
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="ingest-store")
+        return self._writers
+
+    def close(self) -> None:
+        """Close the Kafka clients and the object-store writer threads."""
+        super().close()
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
+            self._writers = None
 
     def prepare(self, item: Envelope) -> PreparedTile:
         """Validate one decoded tile and decode its pixels (raises ``Rejected`` for bad input)."""
@@ -130,19 +151,19 @@ class IngestStage(Stage[PreparedTile]):
 
     def write(self, prepared: Sequence[tuple[Envelope, PreparedTile]]) -> list[Output]:
         """Store pixels, upsert all rows in one statement, return the accepted messages."""
-        from db.models import TileCreate
-        from db.repo import upsert_tiles
-
         # a replayed or re-published tile may appear twice in one batch: the last copy wins,
         # and one multi-row upsert must not touch the same row twice
         latest: dict[str, PreparedTile] = {}
         for _, tile in prepared:
             latest.pop(tile.tile_id, None)
             latest[tile.tile_id] = tile
+        tiles = list(latest.values())
+        # the pixel writes (file I/O and sha256, both outside the GIL) run on a few threads; the
+        # rows are upserted only once every file is in place, so commit-after-durable holds
+        stored = list(self._pool().map(lambda t: self.store.put_array(t.object_key, t.pixels), tiles))
         rows: list[TileCreate] = []
         outputs: list[Output] = []
-        for tile in latest.values():
-            uri, checksum = self.store.put_array(tile.object_key, tile.pixels)
+        for tile, (uri, checksum) in zip(tiles, stored, strict=True):
             shape = [int(n) for n in tile.pixels.shape]
             dtype = str(tile.pixels.dtype)
             rows.append(
