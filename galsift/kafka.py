@@ -59,13 +59,9 @@ def check_accelerations() -> list[str]:
     return warnings
 
 
-def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """An idempotent, fully acknowledged producer for outputs and dead letters.
-
-    Idempotence keeps the order and drops broker-side duplicates of retried batches even with
-    several requests in flight, so throughput does not have to be bought with ordering.
-    """
-    config: dict[str, Any] = {
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """The configuration of every galsift producer (see :func:`make_producer`)."""
+    return {
         "bootstrap_servers": settings.bootstrap_servers,
         "acks": "all",
         "enable_idempotence": True,
@@ -78,13 +74,20 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         # error at once (retries are unbounded by default; the delivery timeout bounds them)
         "delivery_timeout_ms": 120_000,
     }
-    config.update(overrides)
-    return KafkaProducer(**config)
 
 
-def make_consumer(settings: Settings, topic: str, *, group_id: str, **overrides: Any) -> KafkaConsumer:
-    """A consumer-group member with manual commits and fetches sized for tile messages."""
-    config: dict[str, Any] = {
+def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """An idempotent, fully acknowledged producer for outputs and dead letters.
+
+    Idempotence keeps the order and drops broker-side duplicates of retried batches even with
+    several requests in flight, so throughput does not have to be bought with ordering.
+    """
+    return KafkaProducer(**{**producer_config(settings), **overrides})
+
+
+def consumer_config(settings: Settings, *, group_id: str) -> dict[str, Any]:
+    """The configuration of every galsift consumer-group member (see :func:`make_consumer`)."""
+    return {
         "bootstrap_servers": settings.bootstrap_servers,
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -98,8 +101,11 @@ def make_consumer(settings: Settings, topic: str, *, group_id: str, **overrides:
         "session_timeout_ms": 10_000,
         "heartbeat_interval_ms": 3_000,
     }
-    config.update(overrides)
-    return KafkaConsumer(topic, **config)
+
+
+def make_consumer(settings: Settings, topic: str, *, group_id: str, **overrides: Any) -> KafkaConsumer:
+    """A consumer-group member with manual commits and fetches sized for tile messages."""
+    return KafkaConsumer(topic, **{**consumer_config(settings, group_id=group_id), **overrides})
 
 
 @contextmanager

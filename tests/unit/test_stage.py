@@ -13,7 +13,7 @@ import pytest
 
 from galsift import messages
 from galsift.settings import Settings
-from galsift.stage import Envelope, Output, Rejected, Rejection, Stage
+from galsift.stage import Envelope, NullRecorder, Output, Rejected, Rejection, Stage, Unavailable
 
 
 @dataclass
@@ -30,6 +30,7 @@ class FakeConsumer:
     def __init__(self, records: list[Rec]) -> None:
         self.records = records
         self.commits = 0
+        self.refuse_commits = 0
         self.events: list[str] = []
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[str, list[Rec]]:
@@ -37,11 +38,20 @@ class FakeConsumer:
         return {"tp": batch} if batch else {}
 
     def commit(self) -> None:
+        if self.refuse_commits:
+            self.refuse_commits -= 1
+            # what kafka-python raises when the group forgot this member (rebalance, broker restart)
+            from kafka.errors import CommitFailedError
+
+            raise CommitFailedError("UnknownMemberIdError")
         self.commits += 1
         self.events.append("commit")
 
     def assignment(self) -> set[Any]:
         return set()
+
+    def close(self, autocommit: bool = True) -> None:
+        self.events.append("close")
 
 
 class FakeFuture:
@@ -63,6 +73,9 @@ class FakeProducer:
     def flush(self) -> None:
         self.events.append("flush")
 
+    def close(self, timeout: float | None = None) -> None:
+        self.events.append("producer-close")
+
 
 class Doubler(Stage[int]):
     """A toy stage over ``embedded`` messages: rejects dim < 0, fails writes on request."""
@@ -73,9 +86,10 @@ class Doubler(Stage[int]):
     max_write_retries: ClassVar[int] = 2
 
     def __init__(self, consumer: FakeConsumer, *, fail_writes: int = 0, poison: int | None = None) -> None:
-        super().__init__(Settings(batch_size=10), engine=None)  # type: ignore[arg-type]
+        super().__init__(Settings(batch_size=10), NullRecorder())
         self._consumer = consumer  # type: ignore[assignment]
         self._producer = FakeProducer(consumer.events)  # type: ignore[assignment]
+        self.events = consumer.events
         self.fail_writes = fail_writes
         self.poison = poison
         self.written: list[int] = []
@@ -101,7 +115,7 @@ class Doubler(Stage[int]):
             raise RuntimeError("database hiccup")
         if self.poison is not None and any(v == self.poison for _, v in prepared):
             raise ValueError("poisonous item")
-        self._consumer.events.append("write")  # type: ignore[union-attr]
+        self.events.append("write")
         self.written.extend(v for _, v in prepared)
         return [
             Output(key=None, value={"tile_id": "t", "model_version": "m", "dim": 2 * v}) for _, v in prepared
@@ -188,10 +202,54 @@ def test_store_outage_stops_without_commit() -> None:
         raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
 
     stage.write = down  # type: ignore[method-assign]
-    with pytest.raises(OperationalError):
+    with pytest.raises(Unavailable):
         stage.run_once()
     assert consumer.commits == 0
-    assert stage.recorded == []
+    assert stage.recorded == []  # the store's fault, not the items': nothing dead-lettered
+
+
+def test_a_full_disk_is_an_outage_not_bad_input() -> None:
+    import errno
+
+    consumer = FakeConsumer(_records([1, 2]))
+    stage = Doubler(consumer)
+
+    def full(prepared: Sequence[tuple[Envelope, int]]) -> list[Output]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    stage.write = full  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        stage.run_once()
+    assert consumer.commits == 0 and stage.recorded == []
+
+
+def test_a_refused_commit_is_an_outage_and_the_batch_is_not_counted() -> None:
+    consumer = FakeConsumer(_records([1, 2]))
+    consumer.refuse_commits = 1
+    stage = Doubler(consumer)
+    with pytest.raises(Unavailable, match="commit"):
+        stage.run_once()
+    assert consumer.commits == 0
+    assert stage.counters.batches == 0 and stage.counters.consumed == 0
+
+
+def test_run_survives_a_refused_commit_rejoins_and_replays(caplog: pytest.LogCaptureFixture) -> None:
+    """After a failed commit the consumer is dropped (no commit) and a new one replays the batch."""
+    first = FakeConsumer(_records([1, 2]))
+    first.refuse_commits = 1
+    stage = Doubler(first)
+    # the member that rejoins the group is handed the uncommitted batch again
+    second = FakeConsumer(_records([1, 2]))
+    stage.consumer = lambda: stage._consumer or second  # type: ignore[method-assign]
+    producer = stage._producer
+    stage.producer = lambda: producer  # type: ignore[method-assign,assignment,return-value]
+    with caplog.at_level("WARNING", logger="galsift.stage"):
+        stage.run(max_batches=1, idle_exit_s=5)
+    assert "close" in first.events and first.commits == 0
+    assert second.commits == 1
+    assert stage.written == [1, 2, 1, 2]  # written twice: the replay (upserts make it harmless)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("FAULT" in m for m in lines) == 1 and sum("RECOVERED" in m for m in lines) == 1
 
 
 def test_raise_exc_makes_unexpected_errors_loud() -> None:
