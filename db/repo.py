@@ -70,11 +70,12 @@ def upsert_tiles(engine: Engine, tiles: Sequence[TileCreate]) -> int:
 
 
 def _tile_upsert() -> Any:
-    stmt = insert(Tile)
+    table = Tile.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table classes
+    stmt = insert(table)
     keep = {"id", "survey", "external_id", "ingested_at"}
     return stmt.on_conflict_do_update(
         constraint="uq_tiles_survey_external_id",
-        set_={c.name: stmt.excluded[c.name] for c in Tile.__table__.columns if c.name not in keep},
+        set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keep},
     )
 
 
@@ -198,14 +199,14 @@ def count_missing_embeddings(engine: Engine, version: str) -> int:
 
 def iter_missing_embeddings(
     engine: Engine, version: str, *, chunk: int
-) -> Iterator[list[tuple[str, str, str]]]:
-    """Chunks of (tile id, pixels URI, checksum) of tiles without an embedding by ``version``.
+) -> Iterator[list[tuple[str, str, str, list[str]]]]:
+    """Chunks of (tile id, pixels URI, checksum, bands) of tiles without an embedding by ``version``.
 
     Re-querying after each chunk (keyset pagination on the id) makes a backfill restartable at any
     point: whatever was written is skipped next time.
     """
     sql = text(
-        "SELECT t.id::text, t.pixels_uri, t.checksum FROM tiles t WHERE NOT EXISTS "
+        "SELECT t.id::text, t.pixels_uri, t.checksum, t.bands FROM tiles t WHERE NOT EXISTS "
         "(SELECT 1 FROM embeddings e WHERE e.tile_id = t.id AND e.model_version = :v) "
         "AND t.id::text > :after ORDER BY t.id::text LIMIT :n"
     )
@@ -213,7 +214,7 @@ def iter_missing_embeddings(
     while True:
         with engine.connect() as conn:
             rows = [
-                (str(r[0]), str(r[1]), str(r[2]))
+                (str(r[0]), str(r[1]), str(r[2]), [str(b) for b in r[3]])
                 for r in conn.execute(sql, {"v": version, "after": after, "n": chunk})
             ]
         if not rows:

@@ -215,7 +215,7 @@ def service_command(argv: list[str]) -> list[str]:
 
 
 def _start_service(argv: list[str], settings: Settings, logs_dir: Path) -> _Service:
-    name = "-".join(argv)
+    name = argv[0]
     log_file = logs_dir / f"{name}.log"
     with log_file.open("ab") as out:
         proc = subprocess.Popen(

@@ -4,14 +4,19 @@ A checkpoint ``NAME.safetensors`` is three files:
 
 * ``NAME.safetensors`` — the model's ``state_dict`` only (parameters optionally in float16;
   loading casts back to float32);
-* ``NAME.json`` — the card: format, variant, config, step, metrics, data, git commit, version;
+* ``NAME.json`` — the card: format, variant, config, step, metrics, data, git commit, version,
+  and the input contract (``preprocess_version``, ``input_channels``, ``band_sets``);
 * ``NAME.train.safetensors`` (optional) — what resuming needs beyond the weights: optimizer
   state tensors and auxiliary training modules (projection heads, task heads), with the
   optimizer's hyper-parameters as JSON metadata.
 
 Loading never happens inside a model constructor: :func:`load_model` builds the architecture
 named by the card through the registry, then loads the weights and refuses missing, unexpected
-or mis-shaped keys (torchvision's explicit-weights habit).
+or mis-shaped keys (torchvision's explicit-weights habit). It also refuses a checkpoint whose
+card names another preprocessing version or other input channels than this code produces
+(:class:`IncompatibleCheckpoint`): such weights would load fine and embed garbage. Cards written
+before these fields existed are read with the values of that time (preprocessing ``"1"``,
+channels z, r, g), so the shipped ``lvm_tiny`` stays loadable.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from encoder import data as _data
+from galsift.bands import ACCEPTED_BAND_SETS, NATIVE_CHANNELS, normalise_band
+
 if TYPE_CHECKING:
     from encoder.models import LVM
 
@@ -36,8 +44,36 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "galsift-lvm-checkpoint/1"
 
 
+#: preprocessing version of cards written before the field was recorded: "1" was the only one then
+LEGACY_PREPROCESS_VERSION = "1"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, malformed or does not match its architecture."""
+
+
+class IncompatibleCheckpoint(CheckpointError):  # noqa: N818 - named for what it is, like its parent
+    """A well-formed checkpoint made for other model input than this code produces.
+
+    Attributes
+    ----------
+    field
+        The card field that differs (``preprocess_version`` or ``input_channels``).
+    found
+        The checkpoint's value.
+    expected
+        This code's value.
+    """
+
+    def __init__(self, path: Path, field: str, found: Any, expected: Any) -> None:
+        super().__init__(
+            f"{card_path(path)}: {field} is {found!r} in the checkpoint but {expected!r} in this code; "
+            "its weights expect other model input. Retrain (galsift train pretrain) or use a "
+            "galsift version whose preprocessing matches."
+        )
+        self.field = field
+        self.found = found
+        self.expected = expected
 
 
 def card_path(path: Path) -> Path:
@@ -80,6 +116,49 @@ def git_commit(repo: Path | None = None) -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def input_contract() -> dict[str, Any]:
+    """The card fields that describe the model input this code produces.
+
+    Returns
+    -------
+    dict
+        ``preprocess_version`` (:data:`encoder.data.PREPROCESS_VERSION`), ``input_channels``
+        (band of model channel 0, 1, 2, red first: :data:`galsift.bands.NATIVE_CHANNELS`) and
+        ``band_sets`` (the accepted band sets of :mod:`galsift.bands`, for readers of the card).
+    """
+    return {
+        "preprocess_version": _data.PREPROCESS_VERSION,
+        "input_channels": list(NATIVE_CHANNELS),
+        "band_sets": [s.label for s in ACCEPTED_BAND_SETS],
+    }
+
+
+def check_compatible(card: Mapping[str, Any], path: Path) -> None:
+    """Refuse a card whose input contract differs from this code's.
+
+    A missing field means a card written before it existed: ``preprocess_version`` is then
+    :data:`LEGACY_PREPROCESS_VERSION` and ``input_channels`` the native z, r, g.
+
+    Parameters
+    ----------
+    card
+        The checkpoint's card, as :func:`read_card` returned it.
+    path
+        The weights file (for the message).
+
+    Raises
+    ------
+    IncompatibleCheckpoint
+        If the preprocessing version or the input channels differ.
+    """
+    found = str(card.get("preprocess_version", LEGACY_PREPROCESS_VERSION))
+    if found != _data.PREPROCESS_VERSION:
+        raise IncompatibleCheckpoint(path, "preprocess_version", found, _data.PREPROCESS_VERSION)
+    channels = [normalise_band(c) for c in card.get("input_channels", NATIVE_CHANNELS)]
+    if channels != list(NATIVE_CHANNELS):
+        raise IncompatibleCheckpoint(path, "input_channels", channels, list(NATIVE_CHANNELS))
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -113,7 +192,8 @@ def save_checkpoint(
         An :class:`encoder.models.LVM` (needs ``variant`` and ``config``).
     card
         Card fields to record (data, metrics, training arguments, ...); format, variant,
-        config, step, dtype, git commit, sha256 and version are filled in.
+        config, step, dtype, git commit, sha256 and version are filled in, and the input
+        contract (:func:`input_contract`) unless the card states it.
     optimizer
         Saved to the training-state file for resuming.
     step
@@ -145,6 +225,7 @@ def save_checkpoint(
     _atomic_save(weights, path, {"format": CHECKPOINT_FORMAT, "variant": variant})
     digest = file_sha256(path)
     full: dict[str, Any] = {
+        **input_contract(),
         **dict(card),
         "format": CHECKPOINT_FORMAT,
         "variant": variant,
@@ -228,12 +309,16 @@ def load_model(path: Path, *, device: str | torch.device = "cpu") -> tuple[LVM, 
 
     Raises
     ------
+    IncompatibleCheckpoint
+        If the card names another preprocessing version or other input channels
+        (see :func:`check_compatible`).
     CheckpointError
         If the card or weights are missing or do not match the architecture.
     """
     from encoder.models import create_model
 
     card = read_card(path)
+    check_compatible(card, path)
     try:
         model = create_model(card["variant"], **card.get("config", {}))
     except (KeyError, ValueError, TypeError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,7 +102,12 @@ def _add_finetune(train: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--init", type=Path, required=True, help="pretrained checkpoint (*.safetensors)")
     p.add_argument("--data", type=Path, required=True, help="labels.csv folder")
-    p.add_argument("--label", action="append", required=True, help="label column (repeatable: one task each)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="label column (repeatable: one classify task each; needed when --tasks has classify)",
+    )
     p.add_argument(
         "--threshold",
         type=float,
@@ -109,7 +115,11 @@ def _add_finetune(train: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         help="binarise the matching --label (>= T -> 1), in order",
     )
-    p.add_argument("--tasks", default="classify,restore,reconstruct", help="comma-separated task kinds")
+    p.add_argument(
+        "--tasks",
+        default="classify,restore,reconstruct",
+        help="comma-separated task kinds among classify, restore, reconstruct",
+    )
     p.add_argument("--strategy", choices=("active", "equal"), default="active")
     p.add_argument("--compare", action="store_true", help="run equal and active, print a table")
     p.add_argument("--steps", type=int, default=300)
@@ -190,6 +200,20 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What bad options, data or checkpoints raise: reported in one line, not as a traceback."""
+    from encoder.checkpoint import CheckpointError
+    from encoder.data import DataError
+    from encoder.train import TrainingError
+
+    return (TrainingError, DataError, CheckpointError)
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"galsift {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _cmd_pretrain(args: argparse.Namespace, settings: Settings) -> int:
     from encoder.train import PretrainConfig, pretrain
 
@@ -227,7 +251,10 @@ def _cmd_pretrain(args: argparse.Namespace, settings: Settings) -> int:
         overrides={"img_size": args.img_size} if args.img_size else {},
     )
     t0 = time.perf_counter()
-    result = pretrain(cfg)
+    try:
+        result = pretrain(cfg)
+    except _user_errors() as exc:
+        return _fail("train pretrain", exc)
     first, last = result.history[0], result.history[-1]
     print(f"{result.card['version']}: {result.step} steps in {time.perf_counter() - t0:.0f} s -> {args.out}")
     print(f"{'metric':<22} {'start':>10} {'end':>10}")
@@ -266,7 +293,10 @@ def _cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
         cache_dir=_cache_dir(args, settings),
         progress=not args.no_progress,
     )
-    results = compare_strategies(cfg) if args.compare else {args.strategy: finetune(cfg)}
+    try:
+        results = compare_strategies(cfg) if args.compare else {args.strategy: finetune(cfg)}
+    except _user_errors() as exc:
+        return _fail("train finetune", exc)
     rows = comparison_rows(results)
     print(format_comparison(rows))
     if args.json:

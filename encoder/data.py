@@ -8,13 +8,18 @@ Two kinds of pixels arrive:
   scales: the same number always maps to the same value, so brightness and colour survive.
   Nothing is normalised per image.
 
-Both are first resized (antialiased, in linear units) so the shorter side is ``size`` and then
-centre-cropped to ``size`` × ``size``. Flux bands are put in red/green/blue order (reddest band
-first, e.g. g,r,z -> z,r,g), the order survey colour composites use, so a FITS cutout and the JPEG
-made from it land in the same channels.
+Which bands are accepted and which plane feeds which of the model's 3 channels is the band
+contract of :mod:`galsift.bands` (shared with ingest, which refuses everything else): g,r,z flux
+(native), g,r,i flux (i shown in the z channel) and R,G,B colour composites; a tile with more
+bands is shown the first of these sets it holds. Channels are in red/green/blue order (reddest
+band first, e.g. g,r,z -> z,r,g), the order survey colour composites use, so a FITS cutout and the
+JPEG made from it land in the same channels.
 
-The stretch, for per-band scales :math:`a_b` (:data:`BAND_SCALES`) and softening ``Q``
-(:data:`ASINH_Q`)::
+Both are first resized (antialiased, in linear units) so the shorter side is ``size`` and then
+centre-cropped to ``size`` × ``size``.
+
+The stretch, for per-band scales :math:`a_b` (:data:`BAND_SCALES`, each channel with the scale of
+the band that feeds it) and softening ``Q`` (:data:`ASINH_Q`)::
 
     x_b = a_b * flux_b                      # per-band scaling, fixed
     I   = mean_b(x_b)                       # total intensity
@@ -43,21 +48,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from galsift.bands import (
+    BAND_SCALES,
+    DEFAULT_FLUX_BANDS,
+    BandError,
+    BandMapping,
+    Kind,
+    resolve_bands,
+)
+
 log = logging.getLogger(__name__)
 
-#: bump when the preprocessing changes: it keys the on-disk cache (and belongs in model cards)
+#: bump when the preprocessing changes: it keys the on-disk cache and is written into model cards;
+#: loading a checkpoint whose card names another version is refused (encoder.checkpoint)
 PREPROCESS_VERSION = "1"
 #: default side of the square model input, in pixels
 DEFAULT_SIZE = 128
-#: per-band flux scale (per nanomaggy) of the arcsinh stretch; g, r, z as in the Legacy Surveys
-#: viewer's DECam composites; i is interpolated between r and z (no survey default exists)
-BAND_SCALES: dict[str, float] = {"g": 6.0, "r": 3.4, "i": 2.7, "z": 2.2}
 #: softening of the arcsinh stretch (linear below ~1/Q, logarithmic above)
 ASINH_Q = 20.0
-#: effective wavelengths in nm, used only to order flux bands red -> green -> blue
-_BAND_WAVELENGTH_NM: dict[str, float] = {"g": 480.0, "r": 620.0, "i": 770.0, "z": 910.0}
-#: bands assumed for a float array that does not name its bands (DR9 cutouts, stored tiles)
-DEFAULT_FLUX_BANDS = ("g", "r", "z")
+#: band names of a colour composite that does not name its planes (JPEG/PNG: red, green, blue)
+DEFAULT_COLOUR_BANDS = ("R", "G", "B")
+# BAND_SCALES (per-band stretch scales) and DEFAULT_FLUX_BANDS (bands assumed for a float array
+# that does not name them) live in galsift.bands with the band contract, and are imported above
 #: file suffixes read as colour composites and as FITS flux
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fz")
@@ -75,8 +87,8 @@ class InputShapeError(DataError):
     """Pixels that are not a 3-channel (C, H, W) array of a supported dtype."""
 
 
-class UnknownBandError(DataError):
-    """A flux band with no fixed stretch scale in :data:`BAND_SCALES`."""
+class UnknownBandError(DataError, BandError):
+    """Bands outside the band contract of :mod:`galsift.bands` (e.g. no fixed stretch scale)."""
 
 
 class LabelsError(DataError):
@@ -110,7 +122,11 @@ class ImageSet:
 
 
 def _flux_stretch(flux: np.ndarray, bands: Sequence[str]) -> np.ndarray:
-    """The colour-preserving arcsinh stretch of the module docstring, bands in red-first order."""
+    """The colour-preserving arcsinh stretch of the module docstring.
+
+    ``flux`` planes are already in model-channel order (red first) and ``bands[i]`` names the band
+    feeding channel ``i``, whose scale it gets.
+    """
     scales = np.asarray([BAND_SCALES[b] for b in bands], dtype=np.float64)[:, None, None]
     x = flux.astype(np.float64) * scales
     intensity = x.mean(axis=0)
@@ -119,9 +135,40 @@ def _flux_stretch(flux: np.ndarray, bands: Sequence[str]) -> np.ndarray:
     # asinh(q)/q -> 1 - q²/6 near 0; the series avoids 0/0 on empty sky
     safe = np.where(small, 1.0, qi)
     gain = np.where(small, 1.0 - qi**2 / 6.0, np.arcsinh(safe) / safe) * math.sqrt(ASINH_Q)
-    out = x * gain[None]
-    order = sorted(range(len(bands)), key=lambda i: -_BAND_WAVELENGTH_NM[bands[i]])
-    return out[order].astype(np.float32)
+    return (x * gain[None]).astype(np.float32)
+
+
+def band_mapping(bands: Sequence[str] | None, *, kind: Kind, planes: int) -> BandMapping:
+    """Which plane feeds which model channel, for pixels of ``kind`` with ``planes`` planes.
+
+    Parameters
+    ----------
+    bands
+        Band names of the planes; None means :data:`DEFAULT_FLUX_BANDS` for flux and
+        :data:`DEFAULT_COLOUR_BANDS` for colour composites (3 planes only).
+    kind
+        ``flux`` or ``colour``.
+    planes
+        Number of planes of the pixel array.
+
+    Raises
+    ------
+    InputShapeError
+        If ``bands`` is None and there are not exactly 3 planes.
+    UnknownBandError
+        If ``bands`` does not match the planes or is outside the contract of :mod:`galsift.bands`.
+    """
+    if bands is None:
+        if planes != 3:
+            raise InputShapeError(f"expected 3 planes when no bands are named, got {planes}")
+        bands = DEFAULT_COLOUR_BANDS if kind == "colour" else DEFAULT_FLUX_BANDS
+    names = tuple(bands)
+    if len(names) != planes:
+        raise UnknownBandError(f"{len(names)} bands {list(names)} for {planes} planes")
+    try:
+        return resolve_bands(names, kind=kind)
+    except BandError as exc:
+        raise UnknownBandError(str(exc)) from exc
 
 
 def _resize_crop(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -147,51 +194,53 @@ def to_model_input(
     Parameters
     ----------
     pixels
-        (C, H, W) array with C = 3: ``uint8`` colour composite (red, green, blue) or float flux
-        in nanomaggies (any float dtype or byte order).
+        (C, H, W) array: ``uint8`` colour composite or float flux in nanomaggies (any float dtype
+        or byte order). C = 3 unless ``bands`` names the planes and holds an accepted set.
     bands
-        Flux bands of the C planes, e.g. ``("g", "r", "z")``; default :data:`DEFAULT_FLUX_BANDS`.
-        Ignored for colour composites, whose channels are already red, green, blue.
+        Band names of the C planes, e.g. ``("g", "r", "z")`` or ``("R", "G", "B")``; planes are
+        picked and ordered by name following :mod:`galsift.bands`. Default:
+        :data:`DEFAULT_FLUX_BANDS` for flux, red/green/blue for ``uint8``.
     size
         Side of the square output.
 
     Returns
     -------
     numpy.ndarray
-        ``float32`` (3, size, size): colour composites in [0, 1]; flux stretched as in the module
-        docstring, bands ordered reddest first.
+        ``float32`` (3, size, size), channels red first: colour composites in [0, 1]; flux
+        stretched as in the module docstring, each channel with its band's scale.
 
     Raises
     ------
     InputShapeError
-        If ``pixels`` is not (3, H, W), or is neither ``uint8`` nor float.
+        If ``pixels`` is not (C, H, W), is neither ``uint8`` nor float, or has C != 3 without
+        ``bands``.
     NonFiniteInputError
-        If flux contains NaN or infinity.
+        If the flux planes used contain NaN or infinity.
     UnknownBandError
-        If a band has no fixed scale, or ``bands`` does not match the number of planes.
+        If ``bands`` does not match the number of planes or is outside the band contract.
     """
     if size < 1:
         raise InputShapeError(f"size must be positive, got {size}")
     arr = np.asarray(pixels)
-    if arr.ndim != 3 or arr.shape[0] != 3 or arr.shape[1] < 1 or arr.shape[2] < 1:
+    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1 or arr.shape[2] < 1:
         raise InputShapeError(f"expected a (3, H, W) array, got shape {arr.shape}")
     if arr.dtype == np.uint8:
-        return _resize_crop(arr.astype(np.float32) / np.float32(255.0), size)
-    if not np.issubdtype(arr.dtype, np.floating):
+        kind: Kind = "colour"
+    elif np.issubdtype(arr.dtype, np.floating):
+        kind = "flux"
+    else:
         raise InputShapeError(f"expected uint8 colour or float flux, got dtype {arr.dtype}")
-    bad = ~np.isfinite(arr)
+    mapping = band_mapping(bands, kind=kind, planes=arr.shape[0])
+    picked = arr[list(mapping.planes)]
+    if kind == "colour":
+        return _resize_crop(picked.astype(np.float32) / np.float32(255.0), size)
+    bad = ~np.isfinite(picked)
     if bad.any():
         raise NonFiniteInputError(
-            f"{int(bad.sum())} of {arr.size} pixels are NaN or infinite; fill or mask them first"
+            f"{int(bad.sum())} of {picked.size} pixels are NaN or infinite; fill or mask them first"
         )
-    band_names = tuple(b.strip().lower() for b in (bands or DEFAULT_FLUX_BANDS))
-    if len(band_names) != arr.shape[0]:
-        raise UnknownBandError(f"{len(band_names)} bands {band_names} for {arr.shape[0]} planes")
-    unknown = [b for b in band_names if b not in BAND_SCALES]
-    if unknown:
-        raise UnknownBandError(f"no stretch scale for band(s) {unknown}; known: {list(BAND_SCALES)}")
     # resize in linear flux (flux is additive), then stretch: the stretch keeps exact colours
-    return _flux_stretch(_resize_crop(arr.astype(np.float32), size), band_names)
+    return _flux_stretch(_resize_crop(picked.astype(np.float32), size), mapping.channels)
 
 
 def _fits_bands(header: Any, planes: int) -> tuple[str, ...] | None:
@@ -368,7 +417,9 @@ def read_stored_tile(
     checksum
         sha256 of the stored file; verified when given.
     bands
-        Flux bands of the tile's planes (the tile row's ``bands``); ignored for ``uint8`` tiles.
+        Band names of the tile's planes (the ``bands`` of the tile row or ``tiles.accepted``
+        message): planes are picked, ordered and stretched by band (see :mod:`galsift.bands`).
+        None assumes g,r,z for float tiles and R,G,B for ``uint8`` tiles.
     size
         Side of the model input.
 
@@ -376,6 +427,8 @@ def read_stored_tile(
     ------
     OSError
         If the stored bytes do not match ``checksum``.
+    UnknownBandError
+        If ``bands`` is outside the band contract.
     DataError
         If the pixels cannot become model input (see :func:`to_model_input`).
     """

@@ -94,12 +94,19 @@ class Embedder:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def load_tile(uri: str, checksum: str | None, size: int) -> np.ndarray:
-    """Read one stored tile as model input; unreadable or corrupt pixels are :class:`Rejected`."""
-    from encoder.data import read_stored_tile
+def load_tile(uri: str, checksum: str | None, size: int, bands: Sequence[str] | None = None) -> np.ndarray:
+    """Read one stored tile as model input; unreadable or corrupt pixels are :class:`Rejected`.
+
+    ``bands`` (the tile's band names) picks, orders and stretches the planes by band
+    (:mod:`galsift.bands`); None assumes g,r,z flux or R,G,B colour.
+    """
+    from encoder.data import UnknownBandError, read_stored_tile
 
     try:
-        return read_stored_tile(uri, checksum=checksum, size=size)
+        return read_stored_tile(uri, checksum=checksum, bands=bands, size=size)
+    except UnknownBandError as exc:
+        # a tile stored before ingest enforced the band contract
+        raise Rejected("bands", f"{uri}: {exc}") from exc
     except FileNotFoundError as exc:
         raise Rejected("pixels", f"stored pixels missing: {uri}") from exc
     except (OSError, ValueError) as exc:
@@ -134,7 +141,7 @@ class EncodeStage(Stage[np.ndarray]):
     def prepare(self, item: Envelope) -> np.ndarray:
         """Read the tile's pixels from the object store as model input."""
         value = item.value
-        return load_tile(value["pixels_uri"], value["checksum"], self.embedder.img_size)
+        return load_tile(value["pixels_uri"], value["checksum"], self.embedder.img_size, bands=value["bands"])
 
     def write(self, prepared: Sequence[tuple[Envelope, np.ndarray]]) -> list[Output]:
         """Embed the batch, upsert the vectors, and return the ``tiles.embedded`` messages."""
@@ -180,9 +187,9 @@ def backfill(
     bar = tqdm(total=total, desc=f"backfill {version.name}", unit="tile", disable=not progress)
     for rows in repo.iter_missing_embeddings(engine, version.name, chunk=chunk):
         ok_ids, images, errors = [], [], []
-        for tid, uri, checksum in rows:
+        for tid, uri, checksum, bands in rows:
             try:
-                images.append(load_tile(uri, checksum, embedder.img_size))
+                images.append(load_tile(uri, checksum, embedder.img_size, bands=bands))
                 ok_ids.append(tid)
             except Rejected as exc:
                 # one error row per tile: the tile id stands in for the Kafka position

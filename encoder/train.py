@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from encoder.augment import Augment, composite_style, degrade
 from encoder.checkpoint import (
+    check_compatible,
     load_train_state,
     load_weights,
     read_card,
@@ -315,6 +316,7 @@ class _Pretrainer:
         torch.manual_seed(cfg.seed)
         if cfg.resume is not None:
             card = read_card(cfg.resume)
+            check_compatible(card, cfg.resume)
             self.model: LVM = create_model(card["variant"], **card["config"])
             load_weights(self.model, cfg.resume)
             self.start_step = int(card["step"])
@@ -683,13 +685,24 @@ class FinetuneResult:
 
 
 def _labelled_tasks(cfg: FinetuneConfig, size: int) -> list[_Task]:
+    """Read the folder into tasks, every task split by the same file-name hash.
+
+    A file is on the same side for every task (held out from restoration and reconstruction
+    whenever it is held out from classification), so no validation image is ever trained on.
+    Classification reads only the rows whose label is set; the split is computed on those rows.
+    """
     from encoder.data import read_folder
 
     tasks: list[_Task] = []
     if "restore" in cfg.tasks or "reconstruct" in cfg.tasks:
         every = read_folder(cfg.data, size=size, limit=cfg.limit, cache_dir=cfg.cache_dir)
-        val = np.array([_is_val(f, cfg.val_fraction) for f in every.files])
-        tr, va = torch.from_numpy(every.images[~val]), torch.from_numpy(every.images[val])
+        held_all = np.array([_is_val(f, cfg.val_fraction) for f in every.files], dtype=bool)
+        if held_all.all() or not held_all.any():
+            raise TrainingError(
+                f"{cfg.data}: {len(every.files)} images give no train/validation split "
+                f"at val_fraction {cfg.val_fraction}"
+            )
+        tr, va = torch.from_numpy(every.images[~held_all]), torch.from_numpy(every.images[held_all])
         for kind in ("restore", "reconstruct"):
             if kind in cfg.tasks:
                 tasks.append(_Task(kind, kind, tr, va))
@@ -710,11 +723,15 @@ def _labelled_tasks(cfg: FinetuneConfig, size: int) -> list[_Task]:
             if len(classes) < 2:
                 raise TrainingError(f"label {label!r} has fewer than 2 classes")
             y = torch.tensor([classes.index(str(v)) for v in s.labels])
-            held = torch.tensor([_is_val(f, cfg.val_fraction) for f in s.files])
+            # the split of the labelled rows only: rows with an empty label were skipped by
+            # read_folder, so a mask over every row would not line up with these images
+            held = torch.tensor([_is_val(f, cfg.val_fraction) for f in s.files], dtype=torch.bool)
             if held.all() or not held.any():
                 raise TrainingError(f"label {label!r}: too few images for a validation split")
             x = torch.from_numpy(s.images)
-            tasks.append(_Task(f"classify:{label}", "classify", x[~val], x[val], y[~val], y[val], classes))
+            tasks.append(
+                _Task(f"classify:{label}", "classify", x[~held], x[held], y[~held], y[held], classes)
+            )
     if not tasks:
         raise TrainingError(f"no tasks among {cfg.tasks}")
     return tasks
@@ -731,6 +748,7 @@ class _Finetuner:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         card = read_card(cfg.init)
+        check_compatible(card, cfg.init)
         torch.manual_seed(cfg.seed)
         self.model: LVM = create_model(card["variant"], **card["config"])
         load_weights(self.model, cfg.init)
@@ -877,6 +895,20 @@ class _Finetuner:
         )
 
 
+#: task kinds :func:`finetune` knows
+TASK_KINDS = ("classify", "restore", "reconstruct")
+
+
+def _check_tasks(cfg: FinetuneConfig) -> None:
+    unknown = sorted(set(cfg.tasks) - set(TASK_KINDS))
+    if unknown or not cfg.tasks:
+        raise TrainingError(f"tasks must be among {list(TASK_KINDS)}, got {list(cfg.tasks)}")
+    if "classify" in cfg.tasks and not cfg.labels:
+        raise TrainingError("the classify task needs at least one label column (--label)")
+    if len(cfg.thresholds) > len(cfg.labels):
+        raise TrainingError(f"{len(cfg.thresholds)} thresholds for {len(cfg.labels)} label columns")
+
+
 def finetune(cfg: FinetuneConfig, *, tasks: list[_Task] | None = None) -> FinetuneResult:
     """Multi-task finetuning of a pretrained checkpoint (see the module docstring).
 
@@ -891,7 +923,10 @@ def finetune(cfg: FinetuneConfig, *, tasks: list[_Task] | None = None) -> Finetu
         raise TrainingError(f"strategy must be 'active' or 'equal', got {cfg.strategy!r}")
     if cfg.steps < 1:
         raise TrainingError("steps must be >= 1")
+    _check_tasks(cfg)
     card = read_card(cfg.init)
+    # before any data is read: a checkpoint made for other preprocessing cannot be finetuned
+    check_compatible(card, cfg.init)
     size = int(card["config"]["img_size"])
     runner = _Finetuner(cfg, tasks if tasks is not None else _labelled_tasks(cfg, size))
     result = runner.run()
@@ -906,8 +941,10 @@ def compare_strategies(cfg: FinetuneConfig) -> dict[str, FinetuneResult]:
     With ``cfg.out`` set, the active run is saved there and the equal run beside it with an
     ``-equal`` suffix.
     """
-    size = int(read_card(cfg.init)["config"]["img_size"])
-    tasks = _labelled_tasks(cfg, size)
+    _check_tasks(cfg)
+    card = read_card(cfg.init)
+    check_compatible(card, cfg.init)
+    tasks = _labelled_tasks(cfg, int(card["config"]["img_size"]))
     results = {}
     for strategy in ("equal", "active"):
         out = cfg.out

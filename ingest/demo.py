@@ -1,6 +1,6 @@
-"""A steady feed of the bundled demo tiles (``deploy/demo``) for ``galsift up --demo``.
+"""A steady feed of the bundled demo tiles (``ingest/demo_tiles``) for ``galsift up --demo``.
 
-Each folder under ``deploy/demo`` becomes survey ``demo_<folder>``, so demo data is easy to
+Each folder under ``ingest/demo_tiles`` becomes survey ``demo_<folder>``, so demo data is easy to
 tell apart from (and delete next to) real survey tiles. The feed interleaves the folders and
 publishes at a fixed rate. When it loops, every pass re-publishes the same ids by default: ingest
 upserts, so the tables do not fill with copies of the same 123 galaxies (which would crowd every
@@ -30,21 +30,17 @@ DEMO_PREFIX = "demo_"
 
 
 def demo_dir() -> Path:
-    """The bundled demo folder (``deploy/demo``, shipped as package data of ``deploy``).
+    """The bundled demo folder (``ingest/demo_tiles``, shipped as package data of ``ingest``).
 
     Raises
     ------
     FileNotFoundError
         If the installation has no demo folder.
     """
-    import deploy
-
-    # __path__ rather than importlib.resources: editable installs add non-directory entries
-    for base in deploy.__path__:
-        candidate = Path(base) / "demo"
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"no demo/ folder in the deploy package ({list(deploy.__path__)})")
+    folder = Path(__file__).resolve().parent / "demo_tiles"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no demo_tiles/ folder beside {__file__}")
+    return folder
 
 
 def load_demo_tiles(folder: Path | None = None) -> list[SurveyTile]:

@@ -8,18 +8,24 @@ dead letter (``tiles.dead``) and an ``ingest_errors`` row.
 
 Reasons: ``identity``, ``shape``, ``bands``, ``size``, ``dtype``, ``pixel_scale``,
 ``coordinates``, ``payload``, ``nonfinite``.
+
+``bands`` also enforces the band contract of :mod:`galsift.bands` (g,r,z or g,r,i float flux,
+R,G,B ``uint8`` composites, or more bands holding one of these sets): a tile the encoder could
+not show to the model is refused here, where its reason reaches ``tiles.dead``, rather than
+stored and failed later.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from galsift import messages
+from galsift.bands import BandError, kind_of_dtype, resolve_bands
 from galsift.stage import Rejected
 
 #: pixel types a tile may carry (the ``PixelType`` enum of tile.v1)
@@ -27,7 +33,7 @@ ALLOWED_DTYPES = frozenset({"uint8", "float32"})
 #: smallest and largest image side accepted, in pixels
 MIN_SIDE = 16
 MAX_SIDE = 2048
-#: most bands a tile may have
+#: most bands a tile may have (a structural bound; the band contract then asks for a known set)
 MAX_BANDS = 16
 #: survey names become object-store path segments and Kafka keys: keep them tame
 SURVEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -96,10 +102,32 @@ def check_geometry(record: Mapping[str, Any]) -> tuple[int, int, int]:
     dtype = str(record.get("dtype"))
     if dtype not in ALLOWED_DTYPES:
         raise Rejected("dtype", f"dtype {dtype!r} not in {sorted(ALLOWED_DTYPES)}")
+    check_band_contract(bands, dtype)
     scale = record.get("pixel_scale")
     if not isinstance(scale, int | float) or not math.isfinite(scale) or not 0 < scale <= 3600:
         raise Rejected("pixel_scale", f"pixel_scale {scale!r} must be in (0, 3600] arcsec/px")
     return n_bands, height, width
+
+
+def check_band_contract(bands: Sequence[str], dtype: str) -> None:
+    """The bands and pixel type must be one the encoder accepts (see :mod:`galsift.bands`).
+
+    Parameters
+    ----------
+    bands
+        Band names of the tile's planes.
+    dtype
+        Pixel type of the tile (already one of :data:`ALLOWED_DTYPES`).
+
+    Raises
+    ------
+    galsift.stage.Rejected
+        With reason ``bands`` and a message listing the accepted band sets.
+    """
+    try:
+        resolve_bands(bands, kind=kind_of_dtype(dtype))
+    except BandError as exc:
+        raise Rejected("bands", str(exc)) from exc
 
 
 def check_coordinates(ra: float | None, dec: float | None) -> None:

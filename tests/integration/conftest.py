@@ -2,6 +2,9 @@
 
 Both run out of a pytest temporary directory, the broker on a free port (never 9092, so a
 ``galsift up`` demo on the same machine does not clash), and are stopped when the session ends.
+
+Every test collected under tests/integration/ is marked ``integration`` here, whether or not its
+module says so, so that ``-m "not integration"`` always leaves out the tests that start processes.
 """
 
 from __future__ import annotations
@@ -9,11 +12,22 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from galsift.settings import Settings
+
+INTEGRATION_DIR = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration/ ``integration``."""
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 def _free_port_pair() -> int:

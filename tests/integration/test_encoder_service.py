@@ -24,13 +24,13 @@ from ingest.service import IngestStage
 pytestmark = pytest.mark.integration
 
 
-def _publish_and_ingest(settings: Settings, engine: Engine, shared_data: Path, uid: str) -> list[str]:
+def _publish_and_ingest(settings: Settings, engine: Engine, repo_data: Path, uid: str) -> list[str]:
     surveys = [f"enc_dr9_{uid}", f"enc_cfhtls_{uid}"]
-    n = publish_paths(settings, [shared_data / "legacy_dr9_fits"], survey=surveys[0], limit=12).published
+    n = publish_paths(settings, [repo_data / "legacy_dr9_fits"], survey=surveys[0]).published
     n += publish_paths(
-        settings, [shared_data / "cfhtls_lens_candidates"], survey=surveys[1], limit=12
+        settings, [repo_data / "cfhtls_lens_candidates"], survey=surveys[1], limit=21
     ).published
-    assert n == 24
+    assert n == 24  # 3 FITS + 21 JPEG
     StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
         timeout_s=120
     )
@@ -58,11 +58,11 @@ def _embedded(engine: Engine, ids: list[str], version: str) -> list[tuple[str, f
 
 
 def test_published_tiles_are_embedded_once_with_the_shipped_version(
-    stack_settings: Settings, engine: Engine, shared_data: Path
+    stack_settings: Settings, engine: Engine, repo_data: Path
 ) -> None:
     uid = uuid.uuid4().hex[:6]
     settings = isolated_settings(stack_settings, "encode", batch_size=8)
-    ids = _publish_and_ingest(settings, engine, shared_data, uid)
+    ids = _publish_and_ingest(settings, engine, repo_data, uid)
 
     embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu", batch=8)
     stage = EncodeStage(settings, engine, embedder, group_id=f"encoder-{uid}")
@@ -93,13 +93,13 @@ def test_published_tiles_are_embedded_once_with_the_shipped_version(
 
 
 def test_encoder_worker_killed_mid_batch_loses_and_duplicates_nothing(
-    stack_settings: Settings, engine: Engine, shared_data: Path, tmp_path: Path
+    stack_settings: Settings, engine: Engine, repo_data: Path, tmp_path: Path
 ) -> None:
     from deploy.cli import service_env
 
     uid = uuid.uuid4().hex[:6]
     settings = isolated_settings(stack_settings, "encodekill", batch_size=3, encode_batch=3)
-    ids = _publish_and_ingest(settings, engine, shared_data, uid)
+    ids = _publish_and_ingest(settings, engine, repo_data, uid)
     version = read_card(SHIPPED_CHECKPOINT)["version"]
     group = f"encoder-kill-{uid}"
     cmd = [sys.executable, "-m", "galsift.cli", "encode", "--group", group, "--idle-exit", "20"]
@@ -126,14 +126,14 @@ def test_encoder_worker_killed_mid_batch_loses_and_duplicates_nothing(
 
 
 def test_backfill_embeds_what_is_missing_and_is_restartable(
-    stack_settings: Settings, engine: Engine, shared_data: Path, tmp_path: Path
+    stack_settings: Settings, engine: Engine, repo_data: Path, tmp_path: Path
 ) -> None:
     from encoder.checkpoint import save_checkpoint
     from encoder.models import create_model
 
     uid = uuid.uuid4().hex[:6]
     settings = isolated_settings(stack_settings, "backfill")
-    ids = _publish_and_ingest(settings, engine, shared_data, uid)
+    ids = _publish_and_ingest(settings, engine, repo_data, uid)
     # a new model version (a fresh lvm_tiny) must cover every stored tile, including earlier tests'
     ckpt = tmp_path / "fresh.safetensors"
     save_checkpoint(ckpt, create_model("lvm_tiny"), card={"data": "none (untrained)"})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import replace
@@ -75,7 +74,9 @@ def test_a_batch_replayed_after_a_crash_before_commit_changes_nothing(
 ) -> None:
     settings = isolated_settings(stack_settings, "replay", batch_size=500)
     survey = f"replay_{uuid.uuid4().hex[:6]}"
-    published = publish_paths(settings, [repo_data / "cfhtls_lens_candidates"], survey=survey, limit=30).published
+    published = publish_paths(
+        settings, [repo_data / "cfhtls_lens_candidates"], survey=survey, limit=30
+    ).published
     assert published == 30
     group = f"ingest-replay-{uuid.uuid4().hex[:6]}"
 

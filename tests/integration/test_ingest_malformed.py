@@ -42,7 +42,9 @@ def _bad_messages(
             "bands",
         ),
         f"{survey}/nan": (
-            messages.encode("tile", record(_name="nan", pixels=messages.pack_pixels(nan))),
+            messages.encode(
+                "tile", record(_name="nan", pixels=messages.pack_pixels(nan, compression="none"))
+            ),
             tile_header,
             "nonfinite",
         ),
@@ -55,7 +57,10 @@ def _bad_messages(
         f"{survey}/wrong-schema": (body, messages.headers("accepted"), "schema"),
         f"{survey}/tombstone": (None, tile_header, "schema"),
         f"{survey}/corrupt-zlib": (
-            messages.encode("tile", record(_name="zlib", pixels=b"\x78\x9c" + os.urandom(500))),
+            messages.encode(
+                "tile",
+                record(_name="zlib", compression="zlib", pixels=b"\x78\x9c" + os.urandom(500)),
+            ),
             tile_header,
             "payload",
         ),
@@ -63,13 +68,13 @@ def _bad_messages(
 
 
 def test_malformed_messages_go_to_dead_letters_and_the_stream_goes_on(
-    stack_settings: Settings, engine: Engine, shared_data: Path
+    stack_settings: Settings, engine: Engine, repo_data: Path
 ) -> None:
     settings = isolated_settings(stack_settings, "malformed", batch_size=8)
     uid = uuid.uuid4().hex[:6]
     survey = f"mixed_{uid}"
-    good = list(read_tiles([shared_data / "cfhtls_lens_candidates"], survey=survey, limit=6))
-    good += list(read_tiles([shared_data / "legacy_dr9_fits"], survey=survey, limit=2))
+    good = list(read_tiles([repo_data / "cfhtls_lens_candidates"], survey=survey, limit=6))
+    good += list(read_tiles([repo_data / "legacy_dr9_fits"], survey=survey, limit=2))
     bad = _bad_messages(survey, good[-1])
 
     producer = make_producer(settings)
@@ -125,7 +130,7 @@ def test_malformed_messages_go_to_dead_letters_and_the_stream_goes_on(
 
         # the same consumer is still running and takes new work
         assert runner.alive
-        later = list(read_tiles([shared_data / "gz_decals_examples"], survey=survey, limit=2))
+        later = list(read_tiles([repo_data / "gz_decals_examples"], survey=survey, limit=2))
         for tile in later:
             producer.send(
                 settings.topics.raw, key=tile.key, value=tile.encode(), headers=messages.headers("tile")

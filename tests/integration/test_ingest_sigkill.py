@@ -47,17 +47,17 @@ def _committed(settings: Settings, group: str) -> int:
 
 
 def test_sigkill_mid_batch_loses_and_duplicates_nothing(
-    stack_settings: Settings, engine: Engine, shared_data: Path, tmp_path: Path
+    stack_settings: Settings, engine: Engine, repo_data: Path, tmp_path: Path
 ) -> None:
     # small batches, so the stream is many batches long and the kill lands inside it
     settings = isolated_settings(stack_settings, "sigkill", batch_size=3)
     uid = uuid.uuid4().hex[:6]
     surveys = [f"kill_dr9_{uid}", f"kill_cfhtls_{uid}"]
-    published = publish_paths(settings, [shared_data / "legacy_dr9_fits"], survey=surveys[0]).published
+    published = publish_paths(settings, [repo_data / "legacy_dr9_fits"], survey=surveys[0]).published
     published += publish_paths(
-        settings, [shared_data / "cfhtls_lens_candidates"], survey=surveys[1], limit=40
+        settings, [repo_data / "cfhtls_lens_candidates"], survey=surveys[1], limit=57
     ).published
-    assert published == 60
+    assert published == 60  # 3 FITS + 57 JPEG
     group = f"ingest-kill-{uid}"
     log = tmp_path / "ingest.log"
 

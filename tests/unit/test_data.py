@@ -27,13 +27,13 @@ from galsift.objectstore import ObjectStore
 
 
 @pytest.fixture(scope="module")
-def dr9_fits(shared_data: Path) -> Path:
-    return sorted((shared_data / "legacy_dr9_fits").glob("*.fits"))[0]
+def dr9_fits(repo_data: Path) -> Path:
+    return sorted((repo_data / "legacy_dr9_fits").glob("*.fits"))[0]
 
 
 @pytest.fixture(scope="module")
-def ring_rows(shared_data: Path) -> list[dict[str, str]]:
-    with (shared_data / "gz_decals_rings" / "labels.csv").open(newline="") as fh:
+def lens_rows(repo_data: Path) -> list[dict[str, str]]:
+    with (repo_data / "cfhtls_lens_candidates" / "labels.csv").open(newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -79,8 +79,8 @@ def test_flux_bands_come_out_reddest_first() -> None:
     np.testing.assert_allclose(x2[0, 14:18, 14:18], x[0, 14:18, 14:18], rtol=1e-6)
 
 
-def test_jpeg_becomes_model_input(shared_data: Path, ring_rows: list[dict[str, str]]) -> None:
-    rgb, bands = load_pixels(shared_data / "gz_decals_rings" / ring_rows[0]["file"])
+def test_jpeg_becomes_model_input(repo_data: Path, lens_rows: list[dict[str, str]]) -> None:
+    rgb, bands = load_pixels(repo_data / "cfhtls_lens_candidates" / lens_rows[0]["file"])
     assert bands is None and rgb.dtype == np.uint8 and rgb.shape == (3, 256, 256)
     x = to_model_input(rgb)
     assert x.shape == (3, 128, 128) and x.dtype == np.float32
@@ -140,9 +140,9 @@ def _make_folder(tmp: Path, src: Path, rows: list[dict[str, str]], dr9_fits: Pat
 
 
 def test_read_folder_skips_empty_labels_and_binarises(
-    tmp_path: Path, shared_data: Path, ring_rows: list[dict[str, str]], dr9_fits: Path
+    tmp_path: Path, repo_data: Path, lens_rows: list[dict[str, str]], dr9_fits: Path
 ) -> None:
-    folder = _make_folder(tmp_path, shared_data / "gz_decals_rings", ring_rows, dr9_fits)
+    folder = _make_folder(tmp_path, repo_data / "cfhtls_lens_candidates", lens_rows, dr9_fits)
     s = read_folder(folder, label="frac", threshold=0.5, size=64)
     assert len(s) == 6 and s.images.shape == (6, 3, 64, 64) and s.images.dtype == np.float32
     assert s.labels is not None and s.labels.tolist() == [1, 0, 1, 0, 1, 1]
@@ -162,9 +162,9 @@ def test_read_folder_skips_empty_labels_and_binarises(
 
 
 def test_read_folder_cache_follows_file_changes(
-    tmp_path: Path, shared_data: Path, ring_rows: list[dict[str, str]], dr9_fits: Path
+    tmp_path: Path, repo_data: Path, lens_rows: list[dict[str, str]], dr9_fits: Path
 ) -> None:
-    folder = _make_folder(tmp_path, shared_data / "gz_decals_rings", ring_rows, dr9_fits)
+    folder = _make_folder(tmp_path, repo_data / "cfhtls_lens_candidates", lens_rows, dr9_fits)
     cache = tmp_path / "cache"
     first = read_folder(folder, label="frac", size=32, cache_dir=cache)
     assert len(list(cache.glob("*.npy"))) == 6

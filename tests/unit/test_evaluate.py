@@ -1,4 +1,8 @@
-"""encoder.evaluate / encoder.baselines: paired few-shot splits, the JSON contract, ResNet18."""
+"""encoder.evaluate / encoder.baselines: paired few-shot splits, the JSON contract, features.
+
+``small_lenses`` is in tests/conftest.py; the ResNet18 training test is in
+tests/integration/test_baselines.py.
+"""
 
 from __future__ import annotations
 
@@ -24,26 +28,6 @@ from encoder.evaluate import (
 )
 from galsift.cli import CommandGroups
 from galsift.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def small_rings(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 rings and 12 non-rings of the real Galaxy Zoo DECaLS set, interleaved."""
-    src = shared_data / "gz_decals_rings"
-    with (src / "labels.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    pos = [r for r in rows if r["ring"] == "1"][:12]
-    neg = [r for r in rows if r["ring"] == "0"][:12]
-    folder = tmp_path_factory.mktemp("rings") / "small"
-    (folder / "images").mkdir(parents=True)
-    picked = [r for pair in zip(pos, neg, strict=True) for r in pair]
-    for r in picked:
-        shutil.copy(src / r["file"], folder / r["file"])
-    with (folder / "labels.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file", "ring"])
-        writer.writeheader()
-        writer.writerows({"file": r["file"], "ring": r["ring"]} for r in picked)
-    return folder
 
 
 def test_splits_are_paired_nested_and_cover_all_labelled_images() -> None:
@@ -131,11 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_eval_morphology_writes_the_json_contract(
-    small_rings: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_lenses: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "eval.json"
     argv = [
-        "eval", "morphology", "--data", str(small_rings), "--label", "ring", "--model", "lvm_tiny",
+        "eval", "morphology", "--data", str(small_lenses), "--label", "lens", "--model", "lvm_tiny",
         "--shots", "5,7,8", "--repeats", "2", "--baselines", "pca,photometry", "--json", str(out),
         "--no-progress",
     ]  # fmt: skip
@@ -146,7 +130,7 @@ def test_eval_morphology_writes_the_json_contract(
     assert torch.get_num_threads() == threads  # the --threads choice does not leak
     doc = json.loads(out.read_text())
     assert set(doc) == {"command", "data", "model_version", "results"}
-    assert doc["command"] == "eval morphology" and doc["data"] == str(small_rings)
+    assert doc["command"] == "eval morphology" and doc["data"] == str(small_lenses)
     version = doc["model_version"]
     assert version.startswith("lvm_tiny")
     auc_rows = [r for r in doc["results"] if "auc_mean" in r]
@@ -172,12 +156,12 @@ def test_eval_morphology_writes_the_json_contract(
 
 
 def test_eval_morphology_refuses_non_binary_labels(
-    small_rings: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_lenses: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with (small_rings / "labels.csv").open(newline="") as fh:
+    with (small_lenses / "labels.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     folder = tmp_path / "frac"
-    shutil.copytree(small_rings / "images", folder / "images")
+    shutil.copytree(small_lenses / "images", folder / "images")
     with (folder / "labels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["file", "score"])
         writer.writeheader()
@@ -188,23 +172,8 @@ def test_eval_morphology_refuses_non_binary_labels(
     assert "--threshold" in capsys.readouterr().err
 
 
-def test_resnet18_baseline_learns_and_is_deterministic(small_rings: Path) -> None:
-    data = read_folder(small_rings, label="ring", size=64)
-    assert data.labels is not None
-    images = baselines.resize_images(data.images[:8], 16)
-    config = baselines.ResNetConfig(size=16, steps=15, batch_size=8)
-    model, losses = baselines.train_resnet18(images, data.labels[:8], config=config, seed=5)
-    assert len(losses) == 15
-    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
-    short = baselines.ResNetConfig(size=16, steps=4, batch_size=8)
-    _, again = baselines.train_resnet18(images, data.labels[:8], config=short, seed=5)
-    assert again == losses[:4]
-    scores = baselines.resnet_scores(model, images)
-    assert scores.shape == (8,) and np.isfinite(scores).all()
-
-
-def test_photometry_features_follow_flux(small_rings: Path) -> None:
-    data = read_folder(small_rings, size=32)
+def test_photometry_features_follow_flux(small_lenses: Path) -> None:
+    data = read_folder(small_lenses, size=32)
     f1 = baselines.photometry_features(data.images[:4])
     f2 = baselines.photometry_features(data.images[:4] * 2.0)
     n_ap = 3 * len(baselines.APERTURE_FRACTIONS)

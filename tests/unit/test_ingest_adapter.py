@@ -102,7 +102,7 @@ def test_payload_only_mode_matches_the_recorded_requests(adapter: LegacySurveysC
 
 
 def test_fetch_cutout_from_the_recording(
-    adapter: LegacySurveysClass, monkeypatch: pytest.MonkeyPatch, shared_data: Path
+    adapter: LegacySurveysClass, monkeypatch: pytest.MonkeyPatch, repo_data: Path
 ) -> None:
     recording = _recording()
     session = RecordedSession(recording)
@@ -117,7 +117,7 @@ def test_fetch_cutout_from_the_recording(
     assert cutout.bands == ("g", "r", "z")
     assert cutout.pixels.shape == (3, 64, 64) and cutout.pixels.dtype == np.float32
     # the pixels are the centre of the real DR9 cutout the recording was made from
-    source = fits.getdata(shared_data / recording["source"]).astype(np.float32)
+    source = fits.getdata(repo_data / recording["source"]).astype(np.float32)
     np.testing.assert_array_equal(cutout.pixels, source[:, 96:160, 96:160])
     assert cutout.coord.separation(coord) < 1 * u.mas
     assert cutout.pixel_scale.to_value(u.arcsec) == pytest.approx(0.262, rel=1e-9)

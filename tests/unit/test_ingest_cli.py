@@ -78,13 +78,17 @@ def test_fetch_dry_run_prints_the_requests(tmp_path: Path, capsys: pytest.Captur
     assert payloads[0]["ra"] == 10.5 and payloads[0]["width"] == 64
 
 
-def test_bench_tiles_and_table(shared_data: Path) -> None:
+def test_bench_tiles_and_table(repo_data: Path) -> None:
     from ingest.bench import _row, format_table, load_bench_tiles
 
-    tiles = load_bench_tiles(shared_data / "legacy_dr9_fits", n=45)
+    tiles = load_bench_tiles(repo_data / "legacy_dr9_fits", n=45)  # 3 files, cycled 15 times
     assert len(tiles) == 45 and len({t.key for t in tiles}) == 45
-    assert tiles[20].external_id == tiles[0].external_id + "~1"
-    assert tiles[20].pixels is tiles[0].pixels  # cycled, not re-read
+    assert [t.external_id for t in tiles[:3]] == sorted(
+        p.stem for p in (repo_data / "legacy_dr9_fits").glob("*.fits")
+    )
+    assert tiles[3].external_id == tiles[0].external_id + "~1"
+    assert tiles[44].external_id == tiles[2].external_id + "~14"
+    assert tiles[3].pixels is tiles[0].pixels  # cycled, not re-read
     row = _row("upsert_batched", [0.1, 0.2, 0.3], n=30)
     assert row["rows_per_call"] == 10.0 and row["per_s"] == pytest.approx(50.0)
     assert row["p50_ms"] == pytest.approx(200.0)

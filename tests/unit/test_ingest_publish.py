@@ -72,12 +72,10 @@ def test_publish_keys_headers_and_failures(tmp_path: Path, settings: Settings) -
     assert producer.flushes >= 1 and not producer.closed  # a shared producer is left open
 
 
-def test_large_tiles_travel_by_reference(shared_data: Path, settings: Settings) -> None:
+def test_large_tiles_travel_by_reference(repo_data: Path, settings: Settings) -> None:
     producer = Producer()
     pub = TilePublisher(settings, producer=producer, max_inline_bytes=100_000)
-    report = publish_sources(
-        settings, iter_sources([shared_data / "legacy_dr9_fits"], limit=2), publisher=pub
-    )
+    report = publish_sources(settings, iter_sources([repo_data / "legacy_dr9_fits"], limit=2), publisher=pub)
     assert report.published == 2 and report.by_reference == 2
     for sent in producer.sent:
         record = messages.decode("tile", sent["value"])
@@ -87,10 +85,10 @@ def test_large_tiles_travel_by_reference(shared_data: Path, settings: Settings) 
         assert pixels.shape == (3, 256, 256) and pixels.dtype == np.float32
 
 
-def test_publish_paths_limit(shared_data: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_publish_paths_limit(repo_data: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     producer = Producer()
     monkeypatch.setattr("ingest.publish.make_producer", lambda s: producer)
-    report = publish_paths(settings, [shared_data / "cfhtls_lens_candidates"], survey="cfhtls", limit=7)
+    report = publish_paths(settings, [repo_data / "cfhtls_lens_candidates"], survey="cfhtls", limit=7)
     assert report.published == 7 and producer.closed
     assert all(m["key"].startswith(b"cfhtls/CFHTLSJ") for m in producer.sent)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 from pathlib import Path
 
 import astropy.units as u
@@ -30,18 +31,18 @@ from ingest.readers import (
 DR9 = "legacy_dr9_fits"
 
 
-def _dr9_files(shared_data: Path) -> list[Path]:
-    files = sorted((shared_data / DR9).glob("*.fits"))
-    assert len(files) == 20
+def _dr9_files(repo_data: Path) -> list[Path]:
+    files = sorted((repo_data / DR9).glob("*.fits"))
+    assert len(files) == 3
     return files
 
 
-def test_dr9_centres_from_wcs_match_file_names_and_headers(shared_data: Path) -> None:
-    tiles = list(read_tiles([shared_data / DR9]))
-    files = _dr9_files(shared_data)
+def test_dr9_centres_from_wcs_match_file_names_and_headers(repo_data: Path) -> None:
+    tiles = list(read_tiles([repo_data / DR9]))
+    files = _dr9_files(repo_data)
     assert sorted(t.external_id for t in tiles) == sorted(f.name.removesuffix(".fits") for f in files)
     for tile in tiles:
-        path = shared_data / DR9 / f"{tile.external_id}.fits"
+        path = repo_data / DR9 / f"{tile.external_id}.fits"
         # what the file name says ...
         m = re.fullmatch(r"cutout_(-?[\d.]+)_(-?[\d.]+)\.fits", path.name)
         assert m is not None
@@ -57,8 +58,8 @@ def test_dr9_centres_from_wcs_match_file_names_and_headers(shared_data: Path) ->
         assert 0 <= tile.ra < 360 and -90 <= tile.dec <= 90
 
 
-def test_dr9_wcs_centre_is_the_centre_pixel_not_just_crval(tmp_path: Path, shared_data: Path) -> None:
-    src = _dr9_files(shared_data)[0]
+def test_dr9_wcs_centre_is_the_centre_pixel_not_just_crval(tmp_path: Path, repo_data: Path) -> None:
+    src = _dr9_files(repo_data)[0]
     with fits.open(src) as hdul:
         hdu = hdul[0].copy()
     # move the reference pixel to a corner: the centre must still be found through the WCS
@@ -76,8 +77,8 @@ def test_dr9_wcs_centre_is_the_centre_pixel_not_just_crval(tmp_path: Path, share
     assert centre.dec > crval.dec
 
 
-def test_dr9_bands_scale_pixels_and_header(shared_data: Path) -> None:
-    for path in _dr9_files(shared_data)[:5]:
+def test_dr9_bands_scale_pixels_and_header(repo_data: Path) -> None:
+    for path in _dr9_files(repo_data):
         tile = read_fits(path, survey="legacy_dr9_fits")
         data = fits.getdata(path)
         assert tile.bands == ("g", "r", "z")
@@ -133,10 +134,22 @@ def test_coordinates_from_filename() -> None:
     assert coordinates_from_filename("image.fits") is None
 
 
-def test_colour_folder_with_ra_dec_columns(shared_data: Path) -> None:
-    folder = shared_data / "cfhtls_lens_candidates"
-    with (folder / "labels.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))[:5]
+def _cfhtls_rows(repo_data: Path, n: int) -> list[dict[str, str]]:
+    with (repo_data / "cfhtls_lens_candidates" / "labels.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))[:n]
+
+
+def _sexagesimal_name(ra: float, dec: float) -> str:
+    """An IAU-style name ``Jhhmmss.ss+ddmmss.s`` written by astropy, independently of ingest.readers."""
+    coord = SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
+    ra_s = coord.ra.to_string(unit=u.hourangle, sep="", precision=2, pad=True)
+    dec_s = coord.dec.to_string(unit=u.deg, sep="", precision=1, pad=True, alwayssign=True)
+    return f"J{ra_s}{dec_s}"
+
+
+def test_colour_folder_with_ra_dec_columns(repo_data: Path) -> None:
+    folder = repo_data / "cfhtls_lens_candidates"
+    rows = _cfhtls_rows(repo_data, 5)
     tiles = list(read_tiles([folder], limit=5))
     assert len(tiles) == 5
     for tile, row in zip(tiles, rows, strict=True):
@@ -150,12 +163,27 @@ def test_colour_folder_with_ra_dec_columns(shared_data: Path) -> None:
         for column in ("lens", "expert_grade", "zooniverse_id", "z_lens"):
             assert tile.meta[column] == row[column]
         assert tile.bands == ("R", "G", "B")
-        assert tile.pixel_scale == NOMINAL_PIXEL_SCALE and tile.meta["pixel_scale"] == "assumed"
+        # a pixel_scale column is a measurement: taken as given, not flagged as assumed
+        assert tile.pixel_scale == float(row["pixel_scale"]) != NOMINAL_PIXEL_SCALE
+        assert tile.meta["pixel_scale"] == row["pixel_scale"]
 
 
-def test_colour_folder_positions_from_iau_names(shared_data: Path) -> None:
-    tiles = list(read_tiles([shared_data / "gz_decals_rings"], limit=10))
-    for tile in tiles:
+def test_colour_folder_positions_from_iau_names(tmp_path: Path, repo_data: Path) -> None:
+    """A table with an ``iauname`` column and neither ra/dec columns nor names in the file names."""
+    src = repo_data / "cfhtls_lens_candidates"
+    rows = _cfhtls_rows(repo_data, 10)
+    folder = tmp_path / "named"
+    folder.mkdir()
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["iauname", "lens", "file"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            shutil.copy(src / row["file"], folder / f"tile_{i:02d}.jpg")
+            name = _sexagesimal_name(float(row["ra"]), float(row["dec"]))
+            writer.writerow({"iauname": name, "lens": row["lens"], "file": f"tile_{i:02d}.jpg"})
+    tiles = list(read_tiles([folder]))
+    assert len(tiles) == 10
+    for tile, row in zip(tiles, rows, strict=True):
         name = tile.meta["iauname"]
         # an independent reading of the name through astropy's sexagesimal parser
         ra_s, dec_s = name[1:10], name[10:]
@@ -164,20 +192,36 @@ def test_colour_folder_positions_from_iau_names(shared_data: Path) -> None:
         )
         assert tile.ra == pytest.approx(ref.ra.deg, abs=1e-9)
         assert tile.dec == pytest.approx(ref.dec.deg, abs=1e-9)
-        assert tile.meta["ring"] in {"0", "1"}
+        # and the name is the catalogue position, to its last digit
+        true = SkyCoord(float(row["ra"]) * u.deg, float(row["dec"]) * u.deg)
+        assert SkyCoord(tile.ra * u.deg, tile.dec * u.deg).separation(true) < 0.25 * u.arcsec
+        assert tile.meta["lens"] == row["lens"] and tile.meta["lens"] in {"0", "1", ""}
 
 
-def test_colour_folder_without_positions(shared_data: Path) -> None:
-    tiles = list(read_tiles([shared_data / "gz_decals_examples"], survey="GZ Examples!", limit=3))
+def test_colour_folder_without_positions(repo_data: Path) -> None:
+    tiles = list(read_tiles([repo_data / "gz_decals_examples"], survey="GZ Examples!", limit=3))
     assert [t.survey for t in tiles] == ["gz_examples"] * 3
     assert all(t.ra is None and t.dec is None for t in tiles)
     assert all("question" in t.meta and "answer" in t.meta for t in tiles)
+    # no pixel_scale column: the nominal scale, flagged so nobody takes it for a measurement
+    assert all(t.pixel_scale == NOMINAL_PIXEL_SCALE and t.meta["pixel_scale"] == "assumed" for t in tiles)
 
 
-def test_pool_names_embed_iau_names(shared_data: Path) -> None:
-    tile = next(read_tiles([shared_data / "hitl_ring_pool"], limit=1))
-    assert tile.external_id.startswith("gz_decals_rings__J")
+def test_pool_names_embed_iau_names(tmp_path: Path, repo_data: Path) -> None:
+    """A pool folder names its files ``<survey>__<IAU name>``; the position comes from that name."""
+    src = repo_data / "cfhtls_lens_candidates"
+    row = _cfhtls_rows(repo_data, 1)[0]
+    ra, dec = float(row["ra"]), float(row["dec"])
+    pool = tmp_path / "lens_pool"
+    (pool / "images").mkdir(parents=True)
+    file = f"images/cfhtls_lens_candidates__{_sexagesimal_name(ra, dec)}.jpg"
+    shutil.copy(src / row["file"], pool / file)
+    (pool / "labels.csv").write_text(f"file,lens\n{file},{row['lens']}\n")
+    tile = next(read_tiles([pool], limit=1))
+    assert tile.external_id.startswith("cfhtls_lens_candidates__J")
     assert tile.ra is not None and tile.dec is not None
+    position = SkyCoord(tile.ra * u.deg, tile.dec * u.deg)
+    assert position.separation(SkyCoord(ra * u.deg, dec * u.deg)) < 0.25 * u.arcsec
 
 
 def test_iau_names_round_trip() -> None:
@@ -228,14 +272,18 @@ def test_rgba_and_grey_images_become_rgb(tmp_path: Path) -> None:
     assert (b.ra, b.dec, b.pixel_scale) == (1.0, 2.0, 0.5) and "pixel_scale" not in b.meta
 
 
-def test_records_are_valid_tile_messages(shared_data: Path) -> None:
-    fits_tile = next(read_tiles([shared_data / DR9], limit=1))
-    jpg_tile = next(read_tiles([shared_data / "cfhtls_lens_candidates"], limit=1))
+def test_records_are_valid_tile_messages(repo_data: Path) -> None:
+    fits_tile = next(read_tiles([repo_data / DR9], limit=1))
+    jpg_tile = next(read_tiles([repo_data / "cfhtls_lens_candidates"], limit=1))
     for tile in (fits_tile, jpg_tile):
         body = tile.encode()
         record = messages.decode("tile", body, header=messages.headers("tile")[0][1])
         assert record["survey"] == tile.survey and record["external_id"] == tile.external_id
-        pixels = messages.unpack_pixels(record["pixels"], shape=record["shape"], dtype=record["dtype"])
+        # publishers send raw pixels: zlib (~20 MB/s) bounded publishing at ~100 tiles/s
+        assert record["compression"] == "none"
+        pixels = messages.unpack_pixels(
+            record["pixels"], shape=record["shape"], dtype=record["dtype"], compression="none"
+        )
         assert pixels.dtype == tile.pixels.dtype
         assert pixels.tobytes() == tile.pixels.tobytes()
         assert record["meta"] == dict(tile.meta)

@@ -6,13 +6,28 @@ commands, and the stages meet only through Kafka and the database.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from importlinter.cli import EXIT_STATUS_SUCCESS, lint_imports
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _keep_loggers() -> Iterator[None]:
+    """import-linter configures logging with dictConfig, which disables every existing logger."""
+    before = {
+        name: lg.disabled
+        for name, lg in logging.root.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
+    yield
+    for name, disabled in before.items():
+        logging.getLogger(name).disabled = disabled
 
 
 def test_layer_contracts_hold(capsys: pytest.CaptureFixture[str]) -> None:

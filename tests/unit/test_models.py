@@ -121,3 +121,33 @@ def test_config_round_trip_and_validation() -> None:
         create_model("lvm_tiny", img_size=100)
     with pytest.raises(ValueError, match="unknown"):
         LVMConfig.from_dict({"img_sise": 64})
+
+
+@pytest.mark.parametrize("name", FORWARD_VARIANTS)
+def test_variants_take_the_contract_channels(name: str) -> None:
+    """The band contract (galsift.bands) feeds every variant exactly its input channels."""
+    from galsift.bands import MODEL_CHANNELS, NATIVE_CHANNELS
+
+    assert create_model(name).config.in_chans == MODEL_CHANNELS == len(NATIVE_CHANNELS)
+
+
+def test_shipped_model_sees_gri_and_grz_differently() -> None:
+    """The same flux named g,r,i or g,r,z reaches the shipped model as different input."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from encoder.checkpoint import load_model
+    from encoder.data import to_model_input
+
+    shipped = Path(__file__).resolve().parents[2] / "encoder" / "checkpoints" / "lvm_tiny.safetensors"
+    model, _card = load_model(shipped)
+    yy, xx = np.mgrid[:96, :96]
+    blob = np.exp(-((xx - 47.5) ** 2 + (yy - 47.5) ** 2) / 60.0)
+    flux = np.stack([0.3 * blob, 0.6 * blob, 1.2 * blob]).astype(np.float32)
+    x = np.stack(
+        [to_model_input(flux, bands=b, size=model.img_size) for b in (("g", "r", "z"), ("g", "r", "i"))]
+    )
+    with torch.no_grad():
+        z = model.embed(torch.from_numpy(x))
+    assert torch.isfinite(z).all() and float(z[0] @ z[1]) < 1 - 1e-6

@@ -4,11 +4,12 @@ The machine that wrote these tests has no network access, so the recording is sy
 format hips2fits answers a ``format=fits`` query with: one single-extension FITS per band, a
 2-d float32 image of the requested width x height, and a 2-axis TAN WCS (CRPIX at the image centre,
 CDELT = -/+ fov/width, RADESYS ICRS). The pixels and position are real: the centre 64x64 pixels
-of one DESI Legacy Surveys DR9-south cutout from the shared data folder. The request parameters
-are exactly what the adapter sends (checked by the tests, so a change in the request shows up).
+of one DESI Legacy Surveys DR9-south cutout, ``SOURCE`` below, looked up in the folder given on the
+command line (the bundled demo tiles, ``ingest/demo_tiles``, hold it). The request parameters are exactly
+what the adapter sends (checked by the tests, so a change in the request shows up).
 
 Run from the repository root:
-    .venv/bin/python tests/data/recorded/make_hips2fits_recording.py ../shared/data
+    .venv/bin/python tests/data/recorded/make_hips2fits_recording.py ingest/demo_tiles
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ SIZE = 64
 SERVER = "https://alasky.cds.unistra.fr/hips-image-services/hips2fits"
 
 
-def main(shared_data: Path) -> None:
-    cube = fits.getdata(shared_data / SOURCE).astype(np.float32)
-    header = fits.getheader(shared_data / SOURCE)
+def main(source_dir: Path) -> None:
+    """Write the recording from ``source_dir / SOURCE``."""
+    cube = fits.getdata(source_dir / SOURCE).astype(np.float32)
+    header = fits.getheader(source_dir / SOURCE)
     ra, dec = float(header["CRVAL1"]), float(header["CRVAL2"])
     coord = SkyCoord(ra * u.deg, dec * u.deg, frame="icrs")
     adapter = LegacySurveysClass()
@@ -75,4 +77,6 @@ def main(shared_data: Path) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} SOURCE_FOLDER  (the folder holding {SOURCE})")
     main(Path(sys.argv[1]))

@@ -20,15 +20,19 @@ from encoder.checkpoint import (
     save_checkpoint,
     train_state_path,
 )
+from encoder.data import read_folder
 from encoder.models import create_model
 from encoder.sim import simulate_batch
 from encoder.train import (
     FinetuneConfig,
     PretrainConfig,
     TrainingError,
+    _is_val,
+    _labelled_tasks,
     block_mask,
     compare_strategies,
     comparison_rows,
+    finetune,
     format_comparison,
     nt_xent,
     pretrain,
@@ -195,3 +199,84 @@ def test_finetune_compare(folder: Path, tmp_path: Path) -> None:
     _model, card = load_model(tmp_path / "ft.safetensors")
     assert card["kind"] == "finetune" and card["steps_per_task"] == results["active"].steps_per_task
     assert (tmp_path / "ft-equal.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- finetune regressions
+#: the demo lens candidates: 60 real JPEGs, 15 of them with an empty ``lens`` label
+DEMO_LENSES = Path(__file__).resolve().parents[2] / "ingest" / "demo_tiles" / "cfhtls_lens_candidates"
+
+
+def _init(tmp_path: Path) -> Path:
+    init = tmp_path / "init.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(init, create_model("lvm_tiny", **TINY), card={})
+    return init
+
+
+def _ft(init: Path, data: Path, **kw: object) -> FinetuneConfig:
+    base = FinetuneConfig(
+        init=init,
+        data=data,
+        labels=("lens",),
+        steps=4,
+        batch_size=4,
+        eval_every=2,
+        val_fraction=0.3,
+        seed=1,
+        device="cpu",
+        progress=False,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_finetune_classify_alone(folder: Path, tmp_path: Path) -> None:
+    """``--tasks classify`` alone used to index with the restore split it never computed."""
+    result = finetune(_ft(_init(tmp_path), folder, tasks=("classify",)))
+    assert set(result.final) == {"classify:lens"}
+    assert result.steps_per_task == {"classify:lens": 4}
+    assert 0.0 <= result.final["classify:lens"]["val_auc"] <= 1.0
+
+
+def test_finetune_split_uses_labelled_rows_only(tmp_path: Path) -> None:
+    """Empty labels are skipped for classification; its split must be that of the rows kept."""
+    with (DEMO_LENSES / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    labelled = [r["file"] for r in rows if r["lens"].strip()]
+    assert 0 < len(labelled) < len(rows)  # the demo folder really has empty labels
+    cfg = _ft(_init(tmp_path), DEMO_LENSES)
+    tasks = {t.name: t for t in _labelled_tasks(cfg, SIZE)}
+    held = [f for f in labelled if _is_val(f, cfg.val_fraction)]
+    clf = tasks["classify:lens"]
+    assert len(clf.val_x) == len(held) and len(clf.train_x) == len(labelled) - len(held)
+    assert clf.val_y is not None and clf.train_y is not None
+    by_file = read_folder(DEMO_LENSES, label="lens", size=SIZE)
+    index = {f: i for i, f in enumerate(by_file.files)}
+    expected = torch.from_numpy(by_file.images[[index[f] for f in held]])
+    assert torch.equal(clf.val_x, expected)
+    want_y = [sorted({"0", "1"}).index(by_file.table[index[f]]["lens"]) for f in held]
+    assert clf.val_y.tolist() == want_y
+    # restoration sees every row, split by the same file hash: no classification validation
+    # image is trained on by another task
+    every_held = [r["file"] for r in rows if _is_val(r["file"], cfg.val_fraction)]
+    assert len(tasks["restore"].val_x) == len(every_held)
+    assert len(tasks["restore"].train_x) == len(rows) - len(every_held)
+    restore_val = {_content(x) for x in tasks["restore"].val_x}
+    assert {_content(x) for x in clf.val_x} <= restore_val
+    assert not {_content(x) for x in tasks["restore"].train_x} & {_content(x) for x in clf.val_x}
+    # and a run on these tasks goes through
+    result = finetune(replace(cfg, steps=2), tasks=list(tasks.values()))
+    assert set(result.final) == {"classify:lens", "restore", "reconstruct"}
+
+
+def _content(x: torch.Tensor) -> bytes:
+    return x.numpy().tobytes()
+
+
+def test_finetune_rejects_bad_tasks(folder: Path, tmp_path: Path) -> None:
+    init = _init(tmp_path)
+    with pytest.raises(TrainingError, match="tasks must be among"):
+        finetune(_ft(init, folder, tasks=("clasify",)))
+    with pytest.raises(TrainingError, match="needs at least one label"):
+        finetune(_ft(init, folder, labels=(), tasks=("classify",)))
+    with pytest.raises(TrainingError, match="thresholds"):
+        finetune(_ft(init, folder, thresholds=(0.5, 0.5)))
