@@ -7,7 +7,7 @@ and 3 DESI Legacy Surveys DR9 FITS cutouts. Never the GPL-3.0 ``gz_decals_rings`
 
 Usage (from the repository root)::
 
-    .venv/bin/python deploy/demo/build_demo.py ../shared/data
+    .venv/bin/python ingest/demo_tiles/build_demo.py ../shared/data
 """
 
 from __future__ import annotations
