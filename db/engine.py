@@ -147,7 +147,7 @@ def alembic_config(settings: Settings) -> object:
     return cfg
 
 
-def upgrade(settings: Settings, revision: str = "head") -> None:
+def upgrade(settings: Settings, revision: str = "heads") -> None:
     """Apply the Alembic migrations (the only way the schema changes)."""
     from alembic import command
     from alembic.config import Config

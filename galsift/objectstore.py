@@ -7,6 +7,7 @@ database keeps the URI and the sha256 of the stored file.
 from __future__ import annotations
 
 import io
+import uuid
 
 import fsspec
 import numpy as np
@@ -38,20 +39,30 @@ class ObjectStore:
 
         Writing the same array twice yields the same bytes and checksum, so replays are harmless.
         """
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
-        data = buf.getvalue()
+        data, checksum = encode_array(pixels)
+        return self.put_bytes(key, data), checksum
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Store ``data`` at ``key`` and return its URI; the file appears whole or not at all."""
         path = f"{self.root}/{key}"
         parent = path.rsplit("/", 1)[0]
         if parent not in self._made:
             self.fs.makedirs(parent, exist_ok=True)
             self._made.add(parent)
         # write to a temporary name and rename, so a crash never leaves a half-written tile
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open(tmp, "wb") as fh:
             fh.write(data)
         self.fs.mv(tmp, path)
-        return self.uri(key), sha256(data)
+        return self.uri(key)
+
+
+def encode_array(pixels: np.ndarray) -> tuple[bytes, str]:
+    """The ``.npy`` bytes of ``pixels`` and their sha256 (the checksum the database keeps)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
+    data = buf.getvalue()
+    return data, sha256(data)
 
 
 def read_array(uri: str, *, checksum: str | None = None) -> np.ndarray:

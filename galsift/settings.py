@@ -73,6 +73,20 @@ class Settings(BaseSettings):
     #: images per forward pass of the encoder (micro-batches of a consumed batch)
     encode_batch: int = Field(default=32, ge=1, le=4096)
 
+    # -- detectors and alerts -----------------------------------------------------------------
+    #: lens-finder checkpoint (safetensors + JSON card); unset -> the one shipped in detectors/checkpoints
+    lens_checkpoint: Path | None = None
+    #: lens score (top detection score) from which a tile becomes a lens-candidate alert
+    alert_threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+    #: radius of the cross-match against known lenses, in arcseconds
+    crossmatch_radius_arcsec: float = Field(default=5.0, gt=0.0, le=3600.0)
+    #: webhooks (Slack-compatible incoming-webhook URLs) that receive every new alert
+    alert_webhooks: list[str] = Field(default_factory=list)
+    #: most webhook calls per target and hour; the rest wait in the outbox
+    webhook_rate_per_hour: int = Field(default=60, ge=1, le=100_000)
+    #: attempts before a delivery is marked failed (exponential back-off between them)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_ports(cls, value: str) -> str:
@@ -80,6 +94,14 @@ class Settings(BaseSettings):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"bootstrap server {server!r} is not host:port")
+        return value
+
+    @field_validator("alert_webhooks")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"webhook {url!r} is not an http(s) URL")
         return value
 
     @field_validator("database_url")

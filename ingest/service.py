@@ -23,7 +23,7 @@ from db.models import TileCreate
 from db.repo import DbRecorder, upsert_tiles
 from galsift import messages
 from galsift.constants import HEALPIX_ORDER
-from galsift.objectstore import ObjectStore
+from galsift.objectstore import ObjectStore, encode_array
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Stage
 from ingest.validate import validate_tile
@@ -158,12 +158,19 @@ class IngestStage(Stage[PreparedTile]):
             latest.pop(tile.tile_id, None)
             latest[tile.tile_id] = tile
         tiles = list(latest.values())
-        # the pixel writes (file I/O and sha256, both outside the GIL) run on a few threads; the
-        # rows are upserted only once every file is in place, so commit-after-durable holds
-        stored = list(self._pool().map(lambda t: self.store.put_array(t.object_key, t.pixels), tiles))
+        pool = self._pool()
+        # .npy bytes and sha256 on the writer threads (hashing releases the GIL); the rows need
+        # the checksums, the files are written while the rows are upserted, and both are done
+        # before anything is published or committed
+        encoded = list(pool.map(lambda t: encode_array(t.pixels), tiles))
+        writes = [
+            pool.submit(self.store.put_bytes, t.object_key, data)
+            for t, (data, _) in zip(tiles, encoded, strict=True)
+        ]
         rows: list[TileCreate] = []
         outputs: list[Output] = []
-        for tile, (uri, checksum) in zip(tiles, stored, strict=True):
+        for tile, (_, checksum) in zip(tiles, encoded, strict=True):
+            uri = self.store.uri(tile.object_key)
             shape = [int(n) for n in tile.pixels.shape]
             dtype = str(tile.pixels.dtype)
             rows.append(
@@ -202,5 +209,11 @@ class IngestStage(Stage[PreparedTile]):
                     },
                 )
             )
-        upsert_tiles(self.engine, rows)
+        try:
+            upsert_tiles(self.engine, rows)
+        finally:
+            # every file is in place before the batch counts as written (and on failure, no
+            # thread is left writing into the next attempt)
+            for w in writes:
+                w.result()
         return outputs
