@@ -15,6 +15,7 @@ from typing import Any
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Index,
@@ -164,6 +165,17 @@ class Embedding(SQLModel, table=True):
 
 
 # -- detections, labels, alerts -----------------------------------------------------------------
+class DetectionCreate(SQLModel):
+    """A detector's score for a tile as the detector service writes it."""
+
+    tile_id: uuid.UUID
+    model_version: str
+    detector: str
+    label: str
+    score: float
+    extra: dict[str, Any] = {}
+
+
 class Detection(SQLModel, table=True):
     """A detector's score for a tile (lens finder, morphology head), by model version."""
 
@@ -273,3 +285,126 @@ class StageStats(StageStatsBase, table=True):
     __table_args__ = (PrimaryKeyConstraint("stage", "worker", name="pk_stage_stats"),)
 
     updated_at: datetime = _ts()
+
+
+# -- label sets (migration 0005) ------------------------------------------------------------------
+class LabelSetBase(SQLModel):
+    """What the integer ``value`` of a label set's ``labels`` rows means.
+
+    ``kind`` is ``binary`` (1 = has it, 0 = does not; also what a label set without a row here
+    means, e.g. a saved HITL search), ``classes`` (the value indexes ``classes``; indices never
+    change once given, new classes are appended) or ``integer`` (the value is the catalogue's own
+    integer code). ``rule`` records how an imported column was turned into integers (column,
+    ``threshold``, ``invert``), so a re-import with another rule is refused.
+    """
+
+    name: str = Field(primary_key=True, max_length=128)
+    kind: str = Field(max_length=16, description="binary | classes | integer")
+    classes: list[str] = Field(
+        default_factory=list, sa_column=Column(ARRAY(String), nullable=False, server_default="{}")
+    )
+    rule: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    description: str = ""
+
+
+class LabelSetCreate(LabelSetBase):
+    """A label set as an importer declares it."""
+
+
+class LabelSet(LabelSetBase, table=True):
+    """One row per catalogue label set; the meaning of ``labels.value`` for that set."""
+
+    __tablename__ = "label_sets"
+
+    created_at: datetime = _ts()
+
+
+class LabelSetPublic(LabelSetBase):
+    """A label set as readers see it."""
+
+    created_at: datetime
+
+
+class LabelCreate(SQLModel):
+    """One label as an importer or the dashboard writes it (keyed by tile, label set and author)."""
+
+    tile_id: uuid.UUID
+    label_set: str = Field(max_length=128)
+    value: int
+    author: str = Field(default="", max_length=128)
+
+
+#: the trainers read one label set's rows at a time (migration 0005); declared here, after the
+#: table class, so the original class stays as migration 0001 made it
+Index("ix_labels_label_set", Label.__table__.c.label_set)  # type: ignore[attr-defined]
+
+
+# -- alert outbox (migration 0004) ---------------------------------------------------------------
+class AlertDeliveryBase(SQLModel):
+    """One alert to deliver to one webhook: the outbox row the notifier works from."""
+
+    alert_id: int = Field(foreign_key="alerts.id", ondelete="CASCADE")
+    target: str = Field(
+        max_length=512, description="webhook name (host#hash of the URL): the URL itself may hold a secret"
+    )
+    payload: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False), description="the JSON body to POST"
+    )
+
+
+class AlertDelivery(AlertDeliveryBase, table=True):
+    """Delivery state of one alert to one target: pending -> sent, or failed after the last attempt.
+
+    Written in the detector's transaction together with the alert (one row per configured target,
+    for new alerts only), so a replayed batch schedules nothing twice; the notifier claims due
+    rows with ``FOR UPDATE SKIP LOCKED``.
+    """
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (
+        UniqueConstraint("alert_id", "target", name="uq_alert_deliveries_alert_target"),
+        CheckConstraint("state IN ('pending', 'sent', 'failed')", name="ck_alert_deliveries_state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    state: str = Field(default="pending", max_length=16, description="pending | sent | failed")
+    attempts: int = Field(default=0, description="calls started, counted when claimed")
+    next_attempt_at: datetime = _ts()
+    claimed_at: datetime | None = Field(
+        default=None,
+        sa_column=Column(DateTime(timezone=True)),
+        description="set while a notifier holds the delivery (its lease runs to next_attempt_at)",
+    )
+    last_status: int | None = Field(default=None, description="HTTP status of the last attempt")
+    last_error: str | None = None
+    sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _ts()
+
+
+class AlertDeliveryPublic(AlertDeliveryBase):
+    """A delivery as the dashboard and ``galsift alerts`` see it."""
+
+    id: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    sent_at: datetime | None
+    created_at: datetime
+
+
+#: claims look for a target's due pending rows; the rate limit counts a target's recent sends.
+#: Partial indexes stay small: sent and failed rows (almost all of them, in time) are left out.
+Index(
+    "ix_alert_deliveries_due",
+    AlertDelivery.__table__.c.target,  # type: ignore[attr-defined]
+    AlertDelivery.__table__.c.next_attempt_at,  # type: ignore[attr-defined]
+    postgresql_where=AlertDelivery.__table__.c.state == "pending",  # type: ignore[attr-defined]
+)
+Index(
+    "ix_alert_deliveries_sent",
+    AlertDelivery.__table__.c.target,  # type: ignore[attr-defined]
+    AlertDelivery.__table__.c.sent_at,  # type: ignore[attr-defined]
+    postgresql_where=AlertDelivery.__table__.c.state == "sent",  # type: ignore[attr-defined]
+)

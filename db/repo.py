@@ -271,7 +271,7 @@ def service_overview(engine: Engine) -> dict[str, Any]:
         ]
         counts = {
             t: int(conn.execute(text(f'SELECT count(*) FROM "{t}"')).scalar_one())
-            for t in ("tiles", "embeddings", "model_versions", "ingest_errors")
+            for t in ("tiles", "embeddings", "detections", "alerts", "model_versions", "ingest_errors")
         }
         rejections = {
             (r[0], r[1]): int(r[2])

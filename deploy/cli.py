@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -202,6 +203,8 @@ def service_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
         key = f"GALSIFT_{name.upper()}"
         if value is None:
             env.pop(key, None)
+        elif isinstance(value, list | dict):
+            env[key] = json.dumps(value)  # how pydantic-settings reads complex fields
         else:
             env[key] = str(value)
     for name, value in settings.topics.model_dump().items():

