@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 
 #: the long-running services ``galsift up`` starts, each as ``galsift <args…>`` in its own
 #: process, in data-flow order; a new stage joins the local run by appending its command here
-#: (``["encode"]``, then ``["detect"]``, …)
 SERVICES: list[list[str]] = [
     ["ingest"],
     ["encode"],
+    ["detect"],
+    ["notify"],
 ]
 #: how long a service gets to finish its batch and commit after SIGTERM before SIGKILL
 STOP_GRACE_S = 30.0
