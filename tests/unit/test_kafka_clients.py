@@ -35,6 +35,6 @@ def test_clients_are_sized_for_tile_messages() -> None:
     assert producer["batch_size"] >= 1024 * 1024
     consumer = consumer_config(settings, group_id="g")
     assert consumer["enable_auto_commit"] is False
-    # the 1 MiB default returns one or two tiles per partition and round trip
-    assert consumer["max_partition_fetch_bytes"] == FETCH_PARTITION_BYTES >= 8 * 1024 * 1024
+    # the 1 MiB default returns a few tiles per partition and round trip
+    assert consumer["max_partition_fetch_bytes"] == FETCH_PARTITION_BYTES >= 4 * 1024 * 1024
     assert consumer["max_poll_records"] == settings.batch_size
