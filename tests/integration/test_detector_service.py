@@ -225,8 +225,7 @@ def test_a_detector_killed_mid_batch_sends_no_second_webhook_call(
     try:
         wait_for(
             lambda: (
-                (len(_alerts(engine, survey)) == 2
-                and len(_detections(engine, survey)) > 0)
+                (len(_alerts(engine, survey)) == 2 and len(_detections(engine, survey)) > 0)
                 or proc.poll() is not None
             ),
             timeout_s=300,
