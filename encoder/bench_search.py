@@ -64,7 +64,9 @@ def register(groups: CommandGroups) -> None:
     )
     p.add_argument("--n", type=int, default=200_000, help="rows in the table (objects x 2 model versions)")
     p.add_argument("--queries", type=int, default=200, help="query vectors (held-out samples)")
-    p.add_argument("--ef", type=_ints, default=(10, 20, 40, 100, 200), help="hnsw.ef_search values, e.g. 40,100")
+    p.add_argument(
+        "--ef", type=_ints, default=(10, 20, 40, 100, 200), help="hnsw.ef_search values, e.g. 40,100"
+    )
     p.add_argument(
         "--m", type=_ints, default=(16,), help="HNSW m values (every m x ef-construction is built)"
     )
@@ -80,7 +82,12 @@ def register(groups: CommandGroups) -> None:
         help=f"hnsw.iterative_scan modes of filtered queries ({','.join(ITERATIVE_MODES)})",
     )
     p.add_argument("--max-scan-tuples", type=int, default=20000, help="hnsw.max_scan_tuples")
-    p.add_argument("--exact-queries", type=int, default=50, help="queries timed with exact search (sequential scan, numpy)")
+    p.add_argument(
+        "--exact-queries",
+        type=int,
+        default=50,
+        help="queries timed with exact search (sequential scan, numpy)",
+    )
     p.add_argument("--workers", type=int, default=1, help="max_parallel_maintenance_workers for builds")
     p.add_argument(
         "--data",
