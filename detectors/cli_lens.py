@@ -122,6 +122,13 @@ def _add_train(groups: CommandGroups) -> None:
     p.add_argument("--lens-fraction", type=float, default=0.5, help="share of simulated lenses")
     p.add_argument("--real-fraction", type=float, default=0.25, help="share of real negatives")
     p.add_argument(
+        "--painted-fraction",
+        type=float,
+        default=0.0,
+        help="share of images that are real negatives with simulated arcs painted on, as lenses "
+        "(default 0: off)",
+    )
+    p.add_argument(
         "--colour-fraction", type=float, default=0.5, help="share of sims rendered as JPEG composites"
     )
     p.add_argument("--half", action="store_true", help="write float16 weights (to ship)")
@@ -164,6 +171,7 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                 size=args.image_size,
                 lens_fraction=args.lens_fraction,
                 real_fraction=args.real_fraction,
+                painted_fraction=args.painted_fraction,
                 colour_fraction=args.colour_fraction,
             ),
             seed=args.seed,

@@ -331,7 +331,12 @@ def _data_record(
             "detectors.lens_data: lenstronomy SIE + shear, Sérsic sources, lens light, field, Moffat PSF, "
             "sky + source noise, g,r,z at 0.262 arcsec/px, fields of "
             f"{cfg.data.field_arcsec[0]:g}-{cfg.data.field_arcsec[1]:g} arcsec; arc masks from the "
-            "lensed-source light; look-alike and galaxy negatives"
+            "lensed-source light; look-alike and galaxy negatives; real negatives"
+            + (
+                f", {cfg.data.painted_fraction:g} of all images real negatives with painted arcs"
+                if cfg.data.painted_fraction
+                else ""
+            )
         ),
     }
 

@@ -272,6 +272,44 @@ def test_colour_composite_is_8bit_rgb() -> None:
     assert rgb.dtype == np.uint8 and rgb.shape == (3, 80, 80)
 
 
+def test_painted_arcs_on_a_real_looking_host() -> None:
+    rng = np.random.default_rng(4)
+    host = np.clip(rng.normal(0.04, 0.01, size=(3, SIZE, SIZE)), 0, 1).astype(np.float32)
+    cfg = lens_data.LensDataConfig(size=SIZE)
+    made = None
+    for _ in range(10):
+        made = lens_data.paint_arcs(host, rng, config=cfg, colour=True)
+        if made is not None:
+            break
+    assert made is not None
+    image, mask = made
+    assert mask.sum() >= cfg.min_arc_pixels and image.min() >= 0.0 and image.max() <= 1.0
+    # the arcs add light where the mask is, and the rest stays close to the host
+    assert (image - host)[1][mask].mean() > 5 * abs((image - host)[1][~mask].mean())
+
+
+def test_training_set_mixes_kinds() -> None:
+    cfg = lens_data.LensDataConfig(size=SIZE, lens_fraction=0.5, real_fraction=0.25, painted_fraction=0.25)
+    rng = np.random.default_rng(0)
+    hosts = lens_data.LensSet(
+        np.clip(rng.normal(0.04, 0.01, size=(3, 3, SIZE, SIZE)), 0, 1).astype(np.float32),
+        np.zeros((3, SIZE, SIZE), bool),
+        np.zeros(3, bool),
+        np.full(3, "real", dtype=object),
+        np.ones(3, bool),
+        np.asarray(["f/a.jpg", "f/b.jpg", "f/c.jpg"], dtype=object),
+    )
+    train = lens_data.training_set(8, seed=1, config=cfg, negatives=hosts)
+    counts = train.counts()
+    assert counts["total"] == 8 and counts["real"] == 2 and counts["real_painted"] == 2
+    assert counts["sim_lens"] == 2 and counts["sim_galaxy"] + counts["sim_lookalike"] == 2
+    assert np.array_equal(train.is_lens, train.masks.any(axis=(1, 2)))
+    assert set(train.files[train.kind == "real_painted"]) <= set(hosts.files)
+    # without real negatives everything is simulated
+    only_sims = lens_data.training_set(4, seed=1, config=cfg).counts()
+    assert only_sims["real"] == only_sims["real_painted"] == 0 and only_sims["sim_lens"] == 2
+
+
 def test_targets_and_flips_keep_masks_on_their_pixels() -> None:
     _, targets = batch()
     assert targets[0]["boxes"].shape == (1, 4) and targets[0]["labels"].tolist() == [1]
