@@ -64,11 +64,12 @@ def _notify(args: argparse.Namespace, settings: Settings) -> int:
     from detectors.notify import Notifier
 
     if not settings.alert_webhooks:
+        # keep running: `galsift up` starts the notifier whatever the configuration, and pending
+        # deliveries for targets configured later are kept, never failed
         print(
-            "galsift notify: no webhooks configured (GALSIFT_ALERT_WEBHOOKS); nothing to deliver",
+            "galsift notify: no webhooks configured (GALSIFT_ALERT_WEBHOOKS); deliveries stay pending",
             file=sys.stderr,
         )
-        return 2
     engine = get_engine(settings)
     try:
         notifier = Notifier(engine, settings, timeout_s=args.timeout)

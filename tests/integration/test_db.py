@@ -100,16 +100,14 @@ def test_model_versions_are_immutable(engine: Engine) -> None:
 
 def test_errors_recorded_once_per_position_and_stats_upserted(engine: Engine) -> None:
     stage = f"test-{uuid.uuid4().hex[:6]}"
+    # what a stage hands its recorder: plain rows from its own Rejection and Counters
+    recorder = repo.DbRecorder(engine)
     rej = [Rejection(stage, "schema", "bad bytes", "tiles.raw", 0, i, None, b"\x00\x01") for i in range(3)]
-    repo.record_errors(engine, rej)
-    repo.record_errors(engine, rej)
+    recorder.record_errors([r.as_row() for r in rej])
+    recorder.record_errors([r.as_row() for r in rej])
     assert repo.count_rows(engine, "ingest_errors", stage=stage) == 3
-    repo.upsert_stage_stats(
-        engine, stage=stage, worker="w1", counters=Counters(consumed=5, accepted=4, rejected=1)
-    )
-    repo.upsert_stage_stats(
-        engine, stage=stage, worker="w1", counters=Counters(consumed=9, accepted=7, rejected=2)
-    )
+    recorder.record_stats(Counters(consumed=5, accepted=4, rejected=1).as_row(stage=stage, worker="w1"))
+    recorder.record_stats(Counters(consumed=9, accepted=7, rejected=2).as_row(stage=stage, worker="w1"))
     with engine.connect() as conn:
         row = conn.execute(
             text("SELECT consumed, accepted, rejected FROM stage_stats WHERE stage = :s"), {"s": stage}
