@@ -101,6 +101,22 @@ def _tiles(survey: str, known: KnownLenses) -> tuple[list[SurveyTile], dict[str,
     return tiles, kinds
 
 
+def _ingest_and_embed(settings: Settings, engine: Engine, tiles: list[SurveyTile]) -> str:
+    """Publish the tiles and run ingest and the encoder over them; returns a run id for groups."""
+    with TilePublisher(settings) as pub:
+        for tile in tiles:
+            pub.send(tile)
+    uid = uuid.uuid4().hex[:6]
+    StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
+        timeout_s=120
+    )
+    embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu")
+    StageRunner(EncodeStage(settings, engine, embedder, group_id=f"enc-{uid}"), idle_exit_s=3).start().join(
+        timeout_s=300
+    )
+    return uid
+
+
 def _alerts(engine: Engine, survey: str) -> list[Any]:
     with engine.connect() as conn:
         return list(
@@ -133,18 +149,7 @@ def test_lenses_alert_once_galaxies_never_and_known_lenses_are_marked(
     survey = f"det_{uuid.uuid4().hex[:6]}"
     known = KnownLenses.from_lenscat()
     tiles, kinds = _tiles(survey, known)
-    with TilePublisher(settings) as pub:
-        for tile in tiles:
-            pub.send(tile)
-
-    uid = uuid.uuid4().hex[:6]
-    StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
-        timeout_s=120
-    )
-    embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu")
-    StageRunner(EncodeStage(settings, engine, embedder, group_id=f"enc-{uid}"), idle_exit_s=3).start().join(
-        timeout_s=300
-    )
+    uid = _ingest_and_embed(settings, engine, tiles)
     lens = LensFinder.load()
     morphology = MorphologyHeads.load()
     register_versions(engine, lens=lens, morphology=morphology)
@@ -196,17 +201,7 @@ def test_a_detector_killed_mid_batch_sends_no_second_webhook_call(
     )
     survey = f"detk_{uuid.uuid4().hex[:6]}"
     tiles, kinds = _tiles(survey, KnownLenses.from_lenscat())
-    with TilePublisher(settings) as pub:
-        for tile in tiles:
-            pub.send(tile)
-    uid = uuid.uuid4().hex[:6]
-    StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
-        timeout_s=120
-    )
-    embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu")
-    StageRunner(EncodeStage(settings, engine, embedder, group_id=f"enc-{uid}"), idle_exit_s=3).start().join(
-        timeout_s=300
-    )
+    uid = _ingest_and_embed(settings, engine, tiles)
     group = f"det-{uid}"
     log = tmp_path / "detect.log"
     proc = _detect_process(settings, group, log)
