@@ -134,10 +134,12 @@ def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_services(settings: Settings) -> None:
     """Counters the stage workers record after each batch, and what was rejected."""
+    from db.alerts import delivery_counts
     from db.engine import get_engine
     from db.repo import service_overview
 
-    overview = service_overview(get_engine(settings))
+    engine = get_engine(settings)
+    overview = service_overview(engine)
     print("\n" + "  ".join(f"{t}={n}" for t, n in overview["counts"].items()))
     if overview["workers"]:
         print(
@@ -153,6 +155,11 @@ def _print_services(settings: Settings) -> None:
         print("\nrejected (ingest_errors):")
         for (stage_name, reason), n in overview["rejections"].items():
             print(f"  {stage_name}/{reason}: {n}")
+    deliveries = delivery_counts(engine)
+    if deliveries:
+        print("\nalert webhook deliveries (outbox):")
+        for target, states in deliveries.items():
+            print(f"  {target}: " + ", ".join(f"{state}={n}" for state, n in sorted(states.items())))
 
 
 def _print_how_to_open_db(settings: Settings) -> None:

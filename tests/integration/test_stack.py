@@ -225,3 +225,8 @@ def test_stack_status_command_exits_zero_on_a_running_stack(
     assert cli._stack_status(argparse.Namespace(), stack_settings) == 0
     out = capsys.readouterr().out
     assert "kafka     running" in out and "postgres  running" in out
+    # the versions an operator checks first: the broker, PostgreSQL and pgvector >= 0.8
+    assert "[Kafka 4." in out and "PostgreSQL 18" in out
+    assert re.search(r"pgvector 0\.(8|9)\.", out) or re.search(r"pgvector [1-9]\.", out), out
+    # table sizes include the detector's outputs
+    assert "detections=" in out and "alerts=" in out
