@@ -1,4 +1,4 @@
-"""The detectors' subcommands: each topic registers its own in a ``cli_<topic>`` module.
+"""The detectors' subcommands: ``galsift detect`` here, each topic's in a ``cli_<topic>`` module.
 
 Heavy imports (torch, torchvision, astropy) happen inside the command handlers, so building the
 parser stays fast.
@@ -21,7 +21,7 @@ TOPICS = ("detectors.cli_morphology", "detectors.cli_lens", "detectors.cli_alert
 
 
 def register(groups: CommandGroups) -> None:
-    """Add ``galsift detect`` and every topic's commands to the ``galsift`` command line."""
+    """Add ``galsift detect`` and each topic's commands to the ``galsift`` command line."""
     p = groups.top.add_parser(
         "detect",
         help="run the detector service (tiles.embedded -> morphology + lens finder -> alerts.lens)",
@@ -38,13 +38,7 @@ def register(groups: CommandGroups) -> None:
     p.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without input")
     p.set_defaults(func=_detect)
     for name in TOPICS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(groups)
+        importlib.import_module(name).register(groups)
 
 
 def _detect(args: argparse.Namespace, settings: Settings) -> int:
