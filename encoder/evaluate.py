@@ -25,6 +25,7 @@ This module is imported by ``galsift --help``: heavy imports happen inside funct
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -811,31 +812,22 @@ def _morphology(args: argparse.Namespace, settings: Settings) -> int:
         extra[baselines.ResNet18Scratch.name] = [k for k in args.resnet_shots if k not in args.shots]
         print(f"resnet18_scratch: {config.size}px, {config.steps} steps of <= {config.batch_size}")
     try:
-        if multi is not None:
-            run = run_multiclass(
-                labels,
-                classes,
-                methods,
-                reference=version,
-                shots=args.shots,
-                repeats=args.repeats,
-                seed=args.seed,
-                min_test=args.min_test,
-                extra_shots=extra,
-                progress=not args.no_progress,
-            )
-        else:
-            run = run_morphology(
-                labels,
-                methods,
-                reference=version,
-                shots=args.shots,
-                repeats=args.repeats,
-                seed=args.seed,
-                min_test=args.min_test,
-                extra_shots=extra,
-                progress=not args.no_progress,
-            )
+        # one-vs-rest per class for a multi-class column, the binary task otherwise
+        task = (
+            functools.partial(run_multiclass, labels, classes)
+            if multi is not None
+            else functools.partial(run_morphology, labels)
+        )
+        run = task(
+            methods,
+            reference=version,
+            shots=args.shots,
+            repeats=args.repeats,
+            seed=args.seed,
+            min_test=args.min_test,
+            extra_shots=extra,
+            progress=not args.no_progress,
+        )
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
