@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_ingest_validate import _record as ingest_record
 
 from encoder.data import UnknownBandError, read_stored_tile, to_model_input
-from galsift import messages
 from galsift.bands import (
     ACCEPTED_BAND_SETS,
     BAND_SCALES,
@@ -32,22 +32,8 @@ def _flux(planes: int = 3, seed: int = 0) -> np.ndarray:
 
 
 def _record(pixels: np.ndarray, bands: list[str]) -> dict[str, Any]:
-    return {
-        "survey": "bands_test",
-        "external_id": "t1",
-        "ra": 10.0,
-        "dec": 1.0,
-        "bands": bands,
-        "pixel_scale": 0.262,
-        "obs_time": None,
-        "shape": list(pixels.shape),
-        "dtype": str(pixels.dtype),
-        "compression": "zlib",
-        "pixels": messages.pack_pixels(pixels),
-        "pixels_uri": None,
-        "header": None,
-        "meta": {},
-    }
+    # the ingest tests' valid record, with these pixels and band names
+    return ingest_record(pixels, bands=bands)
 
 
 def _rejected(pixels: np.ndarray, bands: list[str]) -> Rejected:
