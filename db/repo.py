@@ -42,6 +42,8 @@ COUNTABLE = frozenset(
         "detections",
         "labels",
         "alerts",
+        "alert_deliveries",
+        "label_sets",
         "ingest_errors",
         "stage_stats",
     }
