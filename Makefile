@@ -28,7 +28,7 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy galsift db deploy ingest encoder
+	$(BIN)/mypy galsift db deploy ingest encoder detectors hitl
 
 clean:
 	-$(BIN)/galsift stack down

@@ -21,6 +21,8 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     PrimaryKeyConstraint,
+    Table,
+    Unicode,
     UniqueConstraint,
     func,
 )
@@ -408,3 +410,213 @@ Index(
     AlertDelivery.__table__.c.sent_at,  # type: ignore[attr-defined]
     postgresql_where=AlertDelivery.__table__.c.state == "sent",  # type: ignore[attr-defined]
 )
+
+
+# -- human-in-the-loop search (migration 0007) ----------------------------------------------------
+class HitlSessionBase(SQLModel):
+    """A search session: one user looking for one kind of object with one embedding model."""
+
+    owner: str = Field(max_length=128)
+    name: str = Field(max_length=256)
+    concept: str = Field(
+        max_length=128, description="what is searched for, e.g. ring; labels are keyed by it"
+    )
+    model_version: str = Field(foreign_key="model_versions.name", max_length=128)
+
+
+class HitlSessionCreate(HitlSessionBase):
+    """What ``hitl new`` hands to :mod:`db.hitl`."""
+
+
+class HitlSession(HitlSessionBase, table=True):
+    """One row per search session; its seeds, shown tiles and labels refer to it."""
+
+    __tablename__ = "hitl_sessions"
+    __table_args__ = (Index("ix_hitl_sessions_owner", "owner"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    rounds: int = Field(default=0, description="rounds shown so far")
+    created_at: datetime = _ts()
+
+
+class HitlSessionPublic(HitlSessionBase):
+    """A session as its owner lists it."""
+
+    id: int
+    rounds: int
+    created_at: datetime
+
+
+class HitlSeed(SQLModel, table=True):
+    """A seed of a session: a stored tile, or an uploaded image's embedding (``tile_id`` empty)."""
+
+    __tablename__ = "hitl_seeds"
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: int = Field(foreign_key="hitl_sessions.id", ondelete="CASCADE", index=True)
+    tile_id: uuid.UUID | None = Field(default=None, foreign_key="tiles.id", ondelete="CASCADE")
+    source: str = Field(max_length=16, description="tile | image | coords | anomaly")
+    embedding: list[float] = Field(sa_column=Column(Vector(EMBEDDING_DIM), nullable=False))
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime = _ts()
+
+
+class HitlShown(SQLModel, table=True):
+    """A tile shown in a round, with the learner's score and the acquisition strategy that chose it."""
+
+    __tablename__ = "hitl_shown"
+    __table_args__ = (PrimaryKeyConstraint("session_id", "tile_id", name="pk_hitl_shown"),)
+
+    session_id: int = Field(foreign_key="hitl_sessions.id", ondelete="CASCADE")
+    tile_id: uuid.UUID = Field(foreign_key="tiles.id", ondelete="CASCADE")
+    round_no: int
+    rank: int
+    strategy: str = Field(max_length=16, description="exploit | uncertain | diverse | seed-free")
+    score: float
+    created_at: datetime = _ts()
+
+
+class HitlLabelCreate(SQLModel):
+    """A graded label as the engine writes it."""
+
+    tile_id: uuid.UUID
+    concept: str = Field(max_length=128)
+    author: str = Field(max_length=128)
+    good: bool
+    interest: int | None = Field(default=None, ge=0, le=5)
+    session_id: int | None = None
+    round_no: int | None = None
+
+
+class HitlLabel(SQLModel, table=True):
+    """Append-only history of HITL labels; the latest unretracted row per (author, concept, tile) counts.
+
+    Rows are never updated except to set ``retracted_at`` (undo), so no label is ever lost and a
+    user's labels of one concept carry over to their next session and feed the retraining jobs.
+    """
+
+    __tablename__ = "hitl_labels"
+    __table_args__ = (
+        CheckConstraint("interest IS NULL OR interest BETWEEN 0 AND 5", name="ck_hitl_labels_interest"),
+        Index("ix_hitl_labels_author_concept", "author", "concept", "tile_id"),
+        Index("ix_hitl_labels_concept_id", "concept", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    tile_id: uuid.UUID = Field(foreign_key="tiles.id", ondelete="CASCADE")
+    concept: str = Field(max_length=128)
+    author: str = Field(max_length=128)
+    good: bool
+    interest: int | None = None
+    session_id: int | None = Field(default=None, foreign_key="hitl_sessions.id", ondelete="SET NULL")
+    round_no: int | None = None
+    retracted_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _ts()
+
+
+class SavedSearch(SQLModel, table=True):
+    """A session kept as a standing query: new tiles are scored with its learner."""
+
+    __tablename__ = "saved_searches"
+    __table_args__ = (UniqueConstraint("session_id", name="uq_saved_searches_session"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: int = Field(foreign_key="hitl_sessions.id", ondelete="CASCADE")
+    owner: str = Field(max_length=128)
+    name: str = Field(max_length=256)
+    concept: str = Field(max_length=128)
+    model_version: str = Field(foreign_key="model_versions.name", max_length=128)
+    threshold: float = Field(ge=0, le=1)
+    webhook_url: str | None = Field(default=None, description="optional; POSTed each notification")
+    learner: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False), description="hitl.learner state"
+    )
+    learner_version: int = Field(default=1)
+    last_label_id: int = Field(default=0, description="newest hitl_labels.id the learner was fitted on")
+    active: bool = True
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class SearchNotification(SQLModel, table=True):
+    """A new tile a saved search scored above its threshold; one per (search, tile)."""
+
+    __tablename__ = "search_notifications"
+    __table_args__ = (UniqueConstraint("saved_search_id", "tile_id", name="uq_search_notifications"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    saved_search_id: int = Field(foreign_key="saved_searches.id", ondelete="CASCADE", index=True)
+    tile_id: uuid.UUID = Field(foreign_key="tiles.id", ondelete="CASCADE")
+    score: float
+    learner_version: int
+    webhook_state: str | None = Field(
+        default=None, max_length=16, description="None | pending | sent | failed"
+    )
+    webhook_attempts: int = 0
+    webhook_error: str | None = None
+    seen_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _ts()
+
+
+# -- scheduled jobs (migration 0007) ---------------------------------------------------------------
+class JobRun(SQLModel, table=True):
+    """One run of a scheduled job: start, end, outcome and metrics.
+
+    A partial unique index allows one ``running`` row per job, so two schedulers (or a manual run)
+    can never record the same job as running twice.
+    """
+
+    __tablename__ = "job_runs"
+    __table_args__ = (
+        CheckConstraint(
+            "outcome IN ('running', 'ok', 'refused', 'skipped', 'failed', 'interrupted')",
+            name="ck_job_runs_outcome",
+        ),
+        Index("ix_job_runs_job_started", "job", "started_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job: str = Field(max_length=64)
+    outcome: str = Field(default="running", max_length=16)
+    detail: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    host: str = Field(default="", max_length=128, description="host:pid that ran it")
+    started_at: datetime = _ts()
+    ended_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+
+
+Index(
+    "uq_job_runs_one_running",
+    JobRun.__table__.c.job,  # type: ignore[attr-defined]
+    unique=True,
+    postgresql_where=JobRun.__table__.c.outcome == "running",  # type: ignore[attr-defined]
+)
+
+#: APScheduler's job store (``galsift scheduler``), declared with the columns its
+#: ``SQLAlchemyJobStore`` expects so that Alembic, not APScheduler, creates it
+APSCHEDULER_JOBS = Table(
+    "apscheduler_jobs",
+    SQLModel.metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)
+
+
+class Promotion(SQLModel, table=True):
+    """A model version put into service for a role (``lvm``, ``morphology``); the newest row serves.
+
+    Written by the scheduled jobs when a candidate beats the serving version on the labelled data
+    in the database (``metrics`` holds both sides); services read the serving version at start-up.
+    """
+
+    __tablename__ = "promotions"
+    __table_args__ = (Index("ix_promotions_role_id", "role", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    role: str = Field(max_length=32)
+    model_version: str = Field(foreign_key="model_versions.name", max_length=128)
+    previous: str | None = Field(default=None, max_length=128)
+    reason: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime = _ts()

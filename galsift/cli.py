@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "encoder.evaluate",
     "encoder.bench_search",
     "detectors.cli",
+    "hitl.cli",
 )
 
 
