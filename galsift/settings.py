@@ -87,6 +87,18 @@ class Settings(BaseSettings):
     #: attempts before a delivery is marked failed (exponential back-off between them)
     webhook_max_attempts: int = Field(default=8, ge=1, le=100)
 
+    # -- HITL search, saved searches, scheduled jobs ---------------------------------------------
+    #: seconds between the saved-search watcher's checks for new or retrained saved searches
+    watch_refresh_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    #: seconds between runs of the retraining job (morphology heads and saved searches)
+    retrain_every_s: int = Field(default=3600, ge=1)
+    #: seconds between runs of the continual-pretraining job (weekly by default)
+    pretrain_every_s: int = Field(default=7 * 24 * 3600, ge=1)
+    #: tiles ingested within this many hours are re-scored when a model is retrained
+    rescore_recent_hours: float = Field(default=24.0, gt=0.0)
+    #: fewest new tiles the continual-pretraining job trains on (fewer: it refuses and says so)
+    pretrain_min_tiles: int = Field(default=256, ge=1)
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_ports(cls, value: str) -> str:
