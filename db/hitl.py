@@ -60,9 +60,14 @@ class SessionLabels:
     last_label_id: int
 
 
+def _array(value: Any) -> np.ndarray:
+    # pgvector's psycopg adapter returns numpy arrays, or its Vector type in newer releases
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
+
+
 def _vectors(rows: Sequence[Any], dim: int) -> Vectors:
     ids = [r[0] for r in rows]
-    emb = np.asarray([np.asarray(r[1], dtype=np.float32) for r in rows], dtype=np.float32)
+    emb = np.asarray([_array(r[1]) for r in rows], dtype=np.float32)
     return Vectors(ids, emb.reshape(len(ids), dim) if ids else np.zeros((0, dim), np.float32))
 
 
@@ -275,7 +280,7 @@ def excluded_tiles(engine: Engine, session_id: int, *, author: str, concept: str
             text(
                 "SELECT tile_id FROM hitl_shown WHERE session_id = :s "
                 "UNION SELECT tile_id FROM hitl_seeds WHERE session_id = :s AND tile_id IS NOT NULL "
-                "UNION SELECT tile_id FROM hitl_labels WHERE author = :a AND concept = :c"
+                "UNION SELECT tile_id FROM hitl_labels WHERE author = :a AND concept = :c AND retracted_at IS NULL"
             ),
             {"s": session_id, "a": author, "c": concept},
         ).all()
@@ -472,3 +477,38 @@ def notifications(
     )
     with engine.connect() as c:
         return [dict(r) for r in c.execute(text(q), params).mappings()]
+
+
+def default_model_version(engine: Engine) -> str | None:
+    """The model version a new session searches by default: the promoted LVM, else the most-embedded."""
+    with engine.connect() as c:
+        promoted = c.execute(
+            text("SELECT model_version FROM promotions WHERE role = 'lvm' ORDER BY id DESC LIMIT 1")
+        ).scalar()
+        if promoted is not None:
+            return str(promoted)
+        top = c.execute(
+            text(
+                "SELECT model_version FROM embeddings GROUP BY model_version ORDER BY count(*) DESC, model_version LIMIT 1"
+            )
+        ).scalar()
+    return None if top is None else str(top)
+
+
+def checkpoint_of(engine: Engine, model_version: str) -> str | None:
+    """The checkpoint URI a model version was registered with, or None."""
+    with engine.connect() as c:
+        uri = c.execute(
+            text("SELECT checkpoint_uri FROM model_versions WHERE name = :n"), {"n": model_version}
+        ).scalar()
+    return None if uri is None else str(uri)
+
+
+def tile_names(engine: Engine, tile_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+    """Survey, external id and position of tiles, by id (for listings)."""
+    with engine.connect() as c:
+        rows = c.execute(
+            text("SELECT id, survey, external_id, ra, dec, pixels_uri FROM tiles WHERE id = ANY(:ids)"),
+            {"ids": list(tile_ids)},
+        ).mappings()
+        return {r["id"]: dict(r) for r in rows}

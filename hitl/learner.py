@@ -125,7 +125,7 @@ def fit(positives: np.ndarray, negatives: np.ndarray, *, c: float = DEFAULT_C) -
     """
     from sklearn.linear_model import LogisticRegression
 
-    pos = _unit(np.asarray(positives, np.float32).reshape(len(positives), -1))
+    pos = _unit(np.asarray(positives, np.float32))  # (P, D), P may be 0
     neg = np.asarray(negatives, np.float32)
     if len(pos) == 0 or len(neg) == 0:
         return Learner("similarity", pos, n_pos=len(pos), n_neg=len(neg))
