@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import SecretStr
+
 from galsift.settings import Settings
 
 if TYPE_CHECKING:
@@ -213,6 +215,8 @@ def service_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
             env.pop(key, None)
         elif isinstance(value, list | dict):
             env[key] = json.dumps(value)  # how pydantic-settings reads complex fields
+        elif isinstance(value, SecretStr):  # model_dump masks secrets; children need the value
+            env[key] = value.get_secret_value()
         else:
             env[key] = str(value)
     for name, value in settings.topics.model_dump().items():

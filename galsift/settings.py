@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     rescore_recent_hours: float = Field(default=24.0, gt=0.0)
     #: fewest new tiles the continual-pretraining job trains on (fewer: it refuses and says so)
     pretrain_min_tiles: int = Field(default=256, ge=1)
+
+    # -- dashboard -----------------------------------------------------------------------------
+    #: port of the Streamlit dashboard (``galsift dashboard``, started by ``galsift up``)
+    dashboard_port: int = Field(default=8501, ge=1, le=65535)
+    #: when set, every dashboard page asks for this password first (a secret: never logged)
+    dashboard_password: SecretStr | None = None
 
     @field_validator("kafka_bootstrap")
     @classmethod
