@@ -99,6 +99,14 @@ class Settings(BaseSettings):
     #: fewest new tiles the continual-pretraining job trains on (fewer: it refuses and says so)
     pretrain_min_tiles: int = Field(default=256, ge=1)
 
+    # -- metrics and health ----------------------------------------------------------------------
+    #: port of this process's /metrics (Prometheus) and /healthz endpoint; unset: not served
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: interface the endpoint listens on (0.0.0.0 in containers)
+    metrics_host: str = "127.0.0.1"
+    #: ``galsift up`` gives its services consecutive metrics ports from here
+    metrics_port_base: int = Field(default=9310, ge=1024, le=65000)
+
     # -- dashboard -----------------------------------------------------------------------------
     #: port of the Streamlit dashboard (``galsift dashboard``, started by ``galsift up``)
     dashboard_port: int = Field(default=8501, ge=1, le=65535)

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from galsift import messages
+from galsift import messages, metrics
 from galsift.kafka import check_accelerations, make_consumer, make_producer
 from galsift.settings import Settings
 
@@ -274,6 +274,15 @@ class Stage(ABC, Generic[P]):
         """Loop until stopped (SIGINT/SIGTERM), ``max_batches`` or ``idle_exit_s`` without input."""
         self._install_signal_handlers()
         check_accelerations()
+        if self.settings.metrics_port is not None:
+            port = metrics.serve(self.settings.metrics_port, host=self.settings.metrics_host)
+            log.info(
+                "%s metrics on http://%s:%d/metrics (health: /healthz)",
+                self.name,
+                self.settings.metrics_host,
+                port,
+            )
+        metrics.HEALTH.ok(self.name)
         idle_since = time.monotonic()
         batches = 0
         backoff = 1.0
@@ -298,6 +307,7 @@ class Stage(ABC, Generic[P]):
                         self._fault,
                     )
                     self._fault = None
+                    metrics.HEALTH.ok(self.name)
                     backoff = 1.0
                 if n:
                     batches += 1
@@ -318,6 +328,7 @@ class Stage(ABC, Generic[P]):
         Unavailable
             When the broker, the database or the object store failed; nothing was committed.
         """
+        started = time.perf_counter()
         try:
             consumer = self.consumer()
             polled = consumer.poll(
@@ -354,8 +365,20 @@ class Stage(ABC, Generic[P]):
         self.counters.batches += 1
         self.counters.accepted += len(prepared) - len(write_rejections)
         self.counters.rejected += len(rejections)
+        self._count(
+            len(records), len(prepared) - len(write_rejections), rejections, time.perf_counter() - started
+        )
         self._maybe_stats(force=True)
         return len(records)
+
+    def _count(self, consumed: int, accepted: int, rejections: Sequence[Rejection], seconds: float) -> None:
+        """Move the Prometheus counters of one committed batch."""
+        metrics.CONSUMED.labels(self.name).inc(consumed)
+        metrics.ACCEPTED.labels(self.name).inc(accepted)
+        metrics.BATCHES.labels(self.name).inc()
+        metrics.BATCH_SECONDS.labels(self.name).observe(seconds)
+        for rej in rejections:
+            metrics.REJECTED.labels(self.name, rej.reason).inc()
 
     def _prepare_all(self, records: Iterable[Any]) -> tuple[list[tuple[Envelope, P]], list[Rejection]]:
         prepared: list[tuple[Envelope, P]] = []
@@ -393,6 +416,7 @@ class Stage(ABC, Generic[P]):
                 if self.raise_exc:
                     raise
                 self.counters.write_retries += 1
+                metrics.WRITE_RETRIES.labels(self.name).inc()
                 log.warning(
                     "%s: batch write failed (attempt %d): %s: %s",
                     self.name,
@@ -434,6 +458,7 @@ class Stage(ABC, Generic[P]):
         text = str(exc).splitlines()[0][:300]
         if self._fault is None:
             self._fault, self._fault_since = text, time.monotonic()
+            metrics.HEALTH.fault(self.name, text)
             log.warning("%s FAULT, will retry and replay the uncommitted batch: %s", self.name, text)
         else:
             log.debug("%s still failing: %s", self.name, text)
@@ -506,6 +531,7 @@ class Stage(ABC, Generic[P]):
             return
         if now - self._last_lag >= 5:
             self.counters.lag = self._lag()
+            metrics.LAG.labels(self.name).set(self.counters.lag)
             self._last_lag = now
         self._last_stats = now
         try:

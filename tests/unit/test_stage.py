@@ -264,3 +264,52 @@ def test_raise_exc_makes_unexpected_errors_loud() -> None:
     with pytest.raises(KeyError):
         stage.run_once()
     assert consumer.commits == 0
+
+
+def test_metrics_endpoint_counts_batches_and_reports_faults() -> None:
+    """/metrics shows consumed/accepted/rejected and lag; /healthz is 503 during a fault, 200 after."""
+    import urllib.error
+    import urllib.request
+
+    from galsift import metrics
+
+    port = metrics.serve(0)
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def value(text: str, name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{{want}}} "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    _, before = get("/metrics")
+    stage = Doubler(FakeConsumer(_records([1, -2, 3])))
+    assert stage.run_once() == 3
+    _, after = get("/metrics")
+    for name, delta, labels in [
+        ("galsift_consumed_total", 3, {"service": "doubler"}),
+        ("galsift_accepted_total", 2, {"service": "doubler"}),
+        ("galsift_rejected_total", 1, {"service": "doubler", "reason": "negative"}),
+        ("galsift_batches_total", 1, {"service": "doubler"}),
+    ]:
+        assert value(after, name, **labels) - value(before, name, **labels) == delta, name
+    assert "galsift_consumer_lag" in after and "galsift_batch_seconds_bucket" in after
+
+    # a refused commit is a fault: unhealthy until a batch goes through again
+    first = FakeConsumer(_records([1]))
+    first.refuse_commits = 1
+    stage = Doubler(first)
+    with pytest.raises(Unavailable):
+        stage.run_once()
+    stage._on_fault(Unavailable("kafka commit: CommitFailedError"))
+    status, body = get("/healthz")
+    assert status == 503 and "doubler: kafka commit" in body
+    metrics.HEALTH.ok("doubler")
+    assert get("/healthz") == (200, "ok\n")
