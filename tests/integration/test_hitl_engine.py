@@ -19,6 +19,7 @@ from db import hitl as store
 from db import repo
 from db.models import EmbeddingCreate, ModelVersionCreate, TileCreate
 from galsift.messages import tile_id
+from galsift.settings import Settings
 from hitl.cli import parse_label, parse_position
 from hitl.engine import HitlError, SearchEngine
 
@@ -229,3 +230,65 @@ def test_save_refit_and_cli_parsers(engine: Engine, world: World) -> None:
     for bad in ("x=good", f"{world.ids[0]}=maybe", f"{world.ids[0]}=bad:7"):
         with pytest.raises(ValueError):
             parse_label(bad)
+
+
+def test_cli_drives_a_session(
+    engine: Engine,
+    world: World,
+    stack_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``galsift hitl new|round|label|undo|save|list|show`` against the same database."""
+    import json
+
+    from deploy.cli import service_env
+    from galsift import cli
+    from galsift.settings import get_settings
+
+    for key, value in service_env(stack_settings, base={}).items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    monkeypatch.setattr("galsift.logs.configure", lambda settings: None)
+    owner = f"gus-{uuid.uuid4().hex[:4]}"
+
+    def run(*argv: str) -> str:
+        capsys.readouterr()
+        assert cli.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    try:
+        out = run(
+            "hitl",
+            "new",
+            "--owner",
+            owner,
+            "--concept",
+            "ring",
+            "--model-version",
+            world.version,
+            "--tile",
+            str(world.ids[0]),
+            "--external-id",
+            f"{world.survey}:t1",
+            "--json",
+        )
+        session = json.loads(out)["id"]
+        page = json.loads(run("hitl", "round", str(session), "-k", "5", "--json"))
+        assert page["round"] == 1 and len(page["shown"]) == 5
+        labels = [
+            f"{r['tile_id']}={'good' if world.ring_of[uuid.UUID(r['tile_id'])] else 'bad'}:3"
+            for r in page["shown"]
+        ]
+        assert "saved 5 label(s)" in run("hitl", "label", str(session), *labels)
+        assert "retracted label" in run("hitl", "undo", str(session))
+        assert "saved search" in run("hitl", "save", str(session), "--threshold", "0.75")
+        listed = json.loads(run("hitl", "list", "--owner", owner, "--json"))
+        assert listed[0]["id"] == session and listed[0]["saved"]["threshold"] == 0.75
+        shown = json.loads(run("hitl", "show", str(session), "--json"))["shown"]
+        assert sum(r["good"] is not None for r in shown) == 4  # five labelled, one undone
+        capsys.readouterr()
+        assert cli.main(["hitl", "label", str(session), "nonsense"]) == 2
+        assert "expected TILE=good|bad" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
