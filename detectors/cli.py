@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from galsift.cli import CommandGroups
 
 #: modules under detectors/ whose ``register(groups)`` adds commands
-TOPICS = ("detectors.cli_morphology", "detectors.cli_lens", "detectors.cli_alerts")
+TOPICS = ("detectors.cli_morphology", "detectors.cli_lens", "detectors.cli_alerts", "detectors.retrain")
 
 
 def register(groups: CommandGroups) -> None:
@@ -33,7 +33,11 @@ def register(groups: CommandGroups) -> None:
     )
     p.add_argument("--group", help="consumer group (default: detector)")
     p.add_argument("--lens-checkpoint", type=Path, help="lens finder checkpoint (default: the shipped one)")
-    p.add_argument("--morphology", type=Path, help="morphology heads artifact (default: the shipped one)")
+    p.add_argument(
+        "--morphology",
+        type=Path,
+        help="morphology heads artifact (default: the promoted, else the shipped one)",
+    )
     p.add_argument("--max-batches", type=int, help="stop after N batches")
     p.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without input")
     p.set_defaults(func=_detect)

@@ -268,6 +268,7 @@ def run(
     from db.engine import get_engine
     from detectors.lensfinder import LensFinder
     from detectors.morphology import MorphologyHeads
+    from detectors.retrain import promoted_heads_path
 
     engine = get_engine(settings)
     device = settings.device
@@ -275,6 +276,8 @@ def run(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lens_path = lens_checkpoint or settings.lens_checkpoint
     lens = LensFinder.load(lens_path, device=device) if lens_path else LensFinder.load(device=device)
+    # the heads the retraining job promoted serve; the shipped ones until there are any
+    morphology_path = morphology_path or promoted_heads_path(engine)
     morphology = MorphologyHeads.load(morphology_path, engine=engine)
     register_versions(
         engine, lens=lens, lens_path=lens_path, morphology=morphology, morphology_path=morphology_path
