@@ -30,7 +30,11 @@ SERVICES: list[list[str]] = [
     ["ingest"],
     ["encode"],
     ["detect"],
+    # saved searches score every embedded tile and notify their owners (and their webhooks)
+    ["watch"],
     ["notify"],
+    # retraining from saved labels, re-scoring, continual pretraining (APScheduler, jobs in the db)
+    ["scheduler"],
 ]
 #: how long a service gets to finish its batch and commit after SIGTERM before SIGKILL
 STOP_GRACE_S = 30.0

@@ -17,14 +17,11 @@ headers, so a receiver that cares can drop the rare repeat.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -37,67 +34,11 @@ from db.alerts import DeliveryClaim, claim_due_deliveries, record_delivery
 from detectors.alerts import webhook_target
 from galsift.settings import Settings
 
+# the generic call lives in galsift.webhooks (the saved-search watcher posts too); re-exported
+# here because this module is where callers of the notifier have always found them
+from galsift.webhooks import RETRYABLE_4XX, Poster, PostResult, backoff_s, post_json
+
 log = logging.getLogger(__name__)
-
-#: HTTP answers that a retry can change (timeouts, too early, rate limited); other 4xx are final
-RETRYABLE_4XX = frozenset({408, 425, 429})
-
-
-@dataclass(frozen=True)
-class PostResult:
-    """What one webhook call gave: an HTTP status (None when no answer came) and an error."""
-
-    status: int | None
-    error: str | None = None
-    #: seconds the server asked to wait (``Retry-After``), if it did
-    retry_after_s: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        """The webhook accepted the message (2xx)."""
-        return self.status is not None and 200 <= self.status < 300
-
-    @property
-    def final(self) -> bool:
-        """A failure that no retry can fix (a client error other than a timeout or rate limit)."""
-        return self.status is not None and 400 <= self.status < 500 and self.status not in RETRYABLE_4XX
-
-
-#: posts one JSON body: (url, payload, headers, timeout in seconds) -> result
-Poster = Callable[[str, Mapping[str, Any], Mapping[str, str], float], PostResult]
-
-
-def post_json(
-    url: str, payload: Mapping[str, Any], headers: Mapping[str, str], timeout_s: float
-) -> PostResult:
-    """POST ``payload`` as JSON with the standard library; never raises for HTTP or network errors."""
-    body = json.dumps(payload).encode()
-    request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json", **headers}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read(65536)
-            return PostResult(status=int(response.status))
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(500).decode("utf-8", "replace").strip()
-        return PostResult(
-            status=exc.code,
-            error=f"HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else ""),
-            retry_after_s=_retry_after(exc.headers.get("Retry-After")),
-        )
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-        # connection refused, DNS, TLS, timeout: no answer at all
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return PostResult(status=None, error=f"{type(exc).__name__}: {reason}")
-
-
-def _retry_after(value: str | None) -> float | None:
-    # Slack sends seconds; an HTTP date (the other allowed form) is ignored for the plain back-off
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -173,10 +114,11 @@ class Notifier:
 
     def backoff(self, attempts: int, retry_after_s: float | None = None) -> timedelta:
         """Wait before the next attempt after ``attempts`` failed ones."""
-        delay = min(self.backoff_base_s * 2 ** max(attempts - 1, 0), self.backoff_cap_s)
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.backoff_cap_s))
-        return timedelta(seconds=delay)
+        return timedelta(
+            seconds=backoff_s(
+                attempts, base_s=self.backoff_base_s, cap_s=self.backoff_cap_s, retry_after_s=retry_after_s
+            )
+        )
 
     def deliver_due(self, *, now: datetime | None = None) -> NotifyReport:
         """One round: claim due deliveries, post them, record each outcome.
@@ -335,4 +277,4 @@ def deliver_due(engine: Engine, settings: Settings, *, now: datetime | None = No
     return Notifier(engine, settings).deliver_due(now=now)
 
 
-__all__ = ["Notifier", "NotifyReport", "PostResult", "deliver_due", "post_json"]
+__all__ = ["RETRYABLE_4XX", "Notifier", "NotifyReport", "PostResult", "Poster", "deliver_due", "post_json"]
