@@ -133,9 +133,37 @@ def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
     status = stack.stack_status(settings)
     print(status.describe())
     up = (status.kafka.running or not status.kafka.local) and status.kafka.listening
+    _print_health(settings)
     if status.postgres.running:
         _print_services(settings)
     return 0 if up and status.postgres.running else 1
+
+
+def service_health(settings: Settings, *, timeout_s: float = 1.0) -> list[tuple[str, int, str]]:
+    """Ask each ``galsift up`` service's ``/healthz``: (service, port, "healthy" | fault text | "not running")."""
+    import urllib.error
+    import urllib.request
+
+    out = []
+    for i, argv in enumerate(SERVICES):
+        port = settings.metrics_port_base + i
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout_s) as resp:
+                state = "healthy" if resp.status == 200 else resp.read().decode().strip()
+        except urllib.error.HTTPError as err:  # 503: riding out a fault
+            state = "FAULT " + err.read().decode().strip().replace("\n", "; ")
+        except (OSError, urllib.error.URLError):
+            state = "not running"
+        out.append((argv[0], port, state))
+    return out
+
+
+def _print_health(settings: Settings) -> None:
+    rows = service_health(settings)
+    if any(state != "not running" for _, _, state in rows):
+        print("\nservices (/healthz):")
+        for name, port, state in rows:
+            print(f"  {name:<10} :{port:<6} {state}")
 
 
 def _print_services(settings: Settings) -> None:
@@ -324,12 +352,15 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     # the feed is a service like the stages: deploy/ starts commands, it imports no stage
     wanted = [*SERVICES, *([["feed", "--rate", f"{args.rate:g}"]] if args.demo else [])]
     try:
-        for argv in wanted:
-            services.append(_start_service(argv, settings, logs_dir))
+        for i, argv in enumerate(wanted):
+            # each service serves /metrics and /healthz on its own port (metrics_port_base + i)
+            own = settings.model_copy(update={"metrics_port": settings.metrics_port_base + i})
+            services.append(_start_service(argv, own, logs_dir))
 
         print("services:")
-        for svc in services:
-            print(f"  {svc.name:<10} pid {svc.proc.pid:<7} log {svc.log_file}")
+        for i, svc in enumerate(services):
+            port = settings.metrics_port_base + i
+            print(f"  {svc.name:<10} pid {svc.proc.pid:<7} log {svc.log_file}  metrics :{port}/metrics")
         if args.demo:
             print(f"  (the demo feed publishes {args.rate:g} tiles/s to {settings.topics.raw})")
         print(f"kafka log:         {settings.kafka_dir / 'server.log'}")

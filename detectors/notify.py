@@ -32,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.alerts import DeliveryClaim, claim_due_deliveries, record_delivery
 from detectors.alerts import webhook_target
+from galsift import metrics
 from galsift.settings import Settings
 
 # the generic call lives in galsift.webhooks (the saved-search watcher posts too); re-exported
@@ -226,18 +227,23 @@ class Notifier:
         down_since: float | None = None
         backoff = poll_s
         log.info("notifier starting: %d webhook(s) %s", len(self.urls), ", ".join(self.urls) or "(none)")
+        if self.settings.metrics_port is not None:
+            metrics.serve(self.settings.metrics_port, host=self.settings.metrics_host)
+        metrics.HEALTH.ok("notify")
         while not self._stop.is_set():
             try:
                 report = self.deliver_due()
             except SQLAlchemyError as exc:
                 if down_since is None:
                     down_since = time.monotonic()
+                    metrics.HEALTH.fault("notify", f"database unavailable ({type(exc).__name__})")
                     log.warning("notifier: database unavailable (%s); retrying", type(exc).__name__)
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, 30.0)
                 continue
             if down_since is not None:
                 log.warning("notifier: database RECOVERED after %.1f s", time.monotonic() - down_since)
+                metrics.HEALTH.ok("notify")
                 down_since, backoff = None, poll_s
             total.add(report)
             rounds += 1
