@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from galsift import metrics
 from galsift.settings import Settings
 
 if TYPE_CHECKING:
@@ -394,10 +395,12 @@ class JobScheduler:
         except Exception as exc:  # any database error: retried at the next check
             if self._fault_since is None:
                 self._fault_since = time.monotonic()
+                metrics.HEALTH.fault("scheduler", str(exc).splitlines()[0][:200])
                 log.warning("scheduler FAULT, will retry: %s", exc)
             return []
         if self._fault_since is not None:
             log.info("scheduler RECOVERED after %.1f s", time.monotonic() - self._fault_since)
+            metrics.HEALTH.ok("scheduler")
             self._fault_since = None
         now = datetime.now(UTC)
         # a job running now (here or in another scheduler) finishes what its sub-job left
@@ -466,6 +469,9 @@ def serve(settings: Settings, *, recover_every_s: float = 60.0) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     sched = JobScheduler(settings, engine)
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port, host=settings.metrics_host)
+    metrics.HEALTH.ok("scheduler")
     try:
         sched.start()
         log.info("scheduler: running %s", ", ".join(j.id for j in sched.jobs) or "no job")
