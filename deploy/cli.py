@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -15,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import SecretStr
-
-from galsift.settings import Settings
+from galsift.settings import Settings, settings_env
 
 if TYPE_CHECKING:
     from galsift.cli import CommandGroups
@@ -226,34 +222,8 @@ class _Service:
 
 
 def service_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment that gives a child ``galsift`` process exactly these settings.
-
-    Parameters
-    ----------
-    settings : Settings
-        The settings to hand down (as ``GALSIFT_*`` variables).
-    base : dict, optional
-        Environment to start from (default: this process's).
-
-    Returns
-    -------
-    dict
-        ``base`` with every settings field set, and unset fields (None) removed.
-    """
-    env = dict(os.environ if base is None else base)
-    for name, value in settings.model_dump(exclude={"topics"}).items():
-        key = f"GALSIFT_{name.upper()}"
-        if value is None:
-            env.pop(key, None)
-        elif isinstance(value, list | dict):
-            env[key] = json.dumps(value)  # how pydantic-settings reads complex fields
-        elif isinstance(value, SecretStr):  # model_dump masks secrets; children need the value
-            env[key] = value.get_secret_value()
-        else:
-            env[key] = str(value)
-    for name, value in settings.topics.model_dump().items():
-        env[f"GALSIFT_TOPIC_{name.upper()}"] = str(value)
-    return env
+    """The environment of a service started with ``settings`` (:func:`galsift.settings.settings_env`)."""
+    return settings_env(settings, base)
 
 
 def service_command(argv: list[str]) -> list[str]:

@@ -7,6 +7,9 @@ environment.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -167,3 +170,35 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read and validate the settings once per process."""
     return Settings()
+
+
+def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that gives a child ``galsift`` process exactly these settings.
+
+    Parameters
+    ----------
+    settings : Settings
+        The settings to hand down (as ``GALSIFT_*`` variables).
+    base : mapping, optional
+        Environment to start from (default: this process's).
+
+    Returns
+    -------
+    dict
+        ``base`` with every settings field set (lists and dicts as JSON, secrets unmasked) and
+        unset fields (None) removed.
+    """
+    env = dict(os.environ if base is None else base)
+    for name, value in settings.model_dump(exclude={"topics"}).items():
+        key = f"GALSIFT_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        elif isinstance(value, list | dict):
+            env[key] = json.dumps(value)  # how pydantic-settings reads complex fields
+        elif isinstance(value, SecretStr):  # model_dump masks secrets; children need the value
+            env[key] = value.get_secret_value()
+        else:
+            env[key] = str(value)
+    for name, value in settings.topics.model_dump().items():
+        env[f"GALSIFT_TOPIC_{name.upper()}"] = str(value)
+    return env

@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from galsift import metrics
-from galsift.settings import Settings
+from galsift.settings import Settings, settings_env
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -109,30 +109,6 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """The environment of a child that must get exactly ``settings`` (every field as ``GALSIFT_*``).
-
-    The same rule as ``deploy.cli.service_env`` (which hitl may not import: stages share no code
-    but galsift/ and db/): unset fields are removed, lists and dicts are JSON, secrets unmasked.
-    """
-    from pydantic import SecretStr
-
-    env = dict(os.environ)
-    for name, value in settings.model_dump(exclude={"topics"}).items():
-        key = f"GALSIFT_{name.upper()}"
-        if value is None:
-            env.pop(key, None)
-        elif isinstance(value, list | dict):
-            env[key] = json.dumps(value)
-        elif isinstance(value, SecretStr):  # model_dump masks secrets; the child needs the value
-            env[key] = value.get_secret_value()
-        else:
-            env[key] = str(value)
-    for name, value in settings.topics.model_dump().items():
-        env[f"GALSIFT_TOPIC_{name.upper()}"] = str(value)
-    return env
-
-
 def spawn(argv: Sequence[str], settings: Settings) -> subprocess.Popen[bytes]:
     """Start ``galsift <argv…>`` with exactly these settings; it dies with this process.
 
@@ -141,7 +117,7 @@ def spawn(argv: Sequence[str], settings: Settings) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "galsift.cli", *argv],
         stdin=subprocess.DEVNULL,
-        env=child_env(settings),
+        env=settings_env(settings),
         preexec_fn=_die_with_parent(),  # only prctl/getppid run in the child
     )
 
