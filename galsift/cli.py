@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "encoder.bench_search",
     "detectors.cli",
     "hitl.cli",
+    "deploy.cli_sql",
 )
 
 
