@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "detectors.cli",
     "hitl.cli",
     "deploy.cli_sql",
+    "deploy.bench_pipeline",
 )
 
 
