@@ -157,11 +157,14 @@ def _add_bench(groups: CommandGroups) -> None:
 
 
 def register(groups: CommandGroups) -> None:
-    """Add ``train pretrain``, ``train finetune`` and ``bench encoder`` to the CLI."""
+    """Add ``train pretrain``, ``train finetune``, ``train continual``, ``bench encoder`` and ``encode``."""
     _add_pretrain(groups.train)
     _add_finetune(groups.train)
     _add_bench(groups)
     _add_encode(groups)
+    from encoder import continual
+
+    continual.register(groups.train)
 
 
 def _add_encode(groups: CommandGroups) -> None:
@@ -176,7 +179,8 @@ def _add_encode(groups: CommandGroups) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="checkpoint file or registered model version (default: GALSIFT_MODEL_CHECKPOINT or the shipped lvm_tiny)",
+        help="checkpoint file or registered model version (default: GALSIFT_MODEL_CHECKPOINT, else the "
+        "newest promoted LVM, else the shipped lvm_tiny)",
     )
     p.add_argument("--group", default=None, help="consumer group (default: encoder)")
     p.add_argument("--backfill", action="store_true", help="embed stored tiles instead of consuming")

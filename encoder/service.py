@@ -223,8 +223,32 @@ def backfill(
     return {"embedded": done, "failed": failed}
 
 
+def promoted_version(engine: Engine) -> ModelVersionPublic | None:
+    """The model version of the newest ``promotions`` row of role ``lvm``, or None.
+
+    The continual-pretraining job (:mod:`encoder.continual`) writes these rows.
+    """
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        name = conn.execute(
+            text("SELECT model_version FROM promotions WHERE role = 'lvm' ORDER BY id DESC LIMIT 1")
+        ).scalar()
+    return None if name is None else repo.get_model_version(engine, str(name))
+
+
+def checkpoint_path(version: ModelVersionPublic) -> Path:
+    """The local path of a registered model version's checkpoint (``file://`` URI)."""
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(version.checkpoint_uri).path))
+
+
 def resolve_checkpoint(engine: Engine | None, model: str | None, settings: Settings) -> Path:
-    """A checkpoint path from ``--model``: a file, a registered version name, or the configured default.
+    """A checkpoint path from ``--model``: a file, a registered version name, or the serving default.
+
+    Without ``--model``: ``settings.model_checkpoint`` when set (an operator's pin), else the
+    newest ``lvm`` promotion (when ``engine`` is given), else the shipped checkpoint.
 
     Raises
     ------
@@ -232,16 +256,21 @@ def resolve_checkpoint(engine: Engine | None, model: str | None, settings: Setti
         If nothing matches.
     """
     if model is None:
-        path = settings.model_checkpoint or SHIPPED_CHECKPOINT
+        promoted = None
+        if settings.model_checkpoint is None and engine is not None:
+            promoted = promoted_version(engine)
+        path = (
+            checkpoint_path(promoted)
+            if promoted is not None
+            else settings.model_checkpoint or SHIPPED_CHECKPOINT
+        )
     elif Path(model).exists():
         path = Path(model)
     else:
         version = repo.get_model_version(engine, model) if engine is not None else None
         if version is None:
             raise FileNotFoundError(f"{model!r} is neither a checkpoint file nor a registered model version")
-        from urllib.parse import unquote, urlparse
-
-        path = Path(unquote(urlparse(version.checkpoint_uri).path))
+        path = checkpoint_path(version)
     if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} not found; train one with `galsift train pretrain` (see README)"
