@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # System packages galsift needs besides Python: a Java 17+ runtime and Maven for the local Kafka
-# broker. Installed with apt when missing (the machines here run as root); a no-op otherwise.
+# broker, and Debian's Chromium with its chromedriver for the dashboard's browser test (Selenium
+# drives that binary; nothing downloads a browser of its own). Installed with apt when missing (the
+# machines here run as root); a no-op otherwise.
 set -euo pipefail
 need=()
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn  >/dev/null 2>&1 || need+=(maven)
+command -v chromium     >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need[*]}"

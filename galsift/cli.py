@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "hitl.cli",
     "deploy.cli_sql",
     "deploy.bench_pipeline",
+    "dashboard.cli",
 )
 
 

@@ -1,0 +1,89 @@
+"""``galsift dashboard`` (the Streamlit app) and ``galsift bench dashboard`` (page render times).
+
+``galsift dashboard`` replaces itself with ``streamlit run dashboard/app.py`` (headless, on
+``settings.dashboard_port``), so a supervisor's SIGTERM (``galsift up``) reaches Streamlit itself.
+The app reads the same settings from the environment (``GALSIFT_*``) and ``.env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from galsift.settings import Settings
+
+if TYPE_CHECKING:
+    from galsift.cli import CommandGroups
+
+#: the app's entry point
+APP = Path(__file__).resolve().parent / "app.py"
+
+
+def register(groups: CommandGroups) -> None:
+    """Add ``galsift dashboard`` and ``galsift bench dashboard``."""
+    from galsift.cli import positive_int
+
+    p = groups.top.add_parser(
+        "dashboard",
+        help="the Streamlit dashboard: search, HITL loop, alerts, SQL, operations",
+        description="Run the dashboard (headless Streamlit) on settings.dashboard_port; "
+        "GALSIFT_DASHBOARD_PASSWORD protects every page.",
+    )
+    p.add_argument("--port", type=int, help="port (default: settings.dashboard_port)")
+    p.add_argument("--address", default=None, help="address to bind (default: Streamlit's, all interfaces)")
+    p.set_defaults(func=_dashboard)
+
+    b = groups.bench.add_parser(
+        "dashboard",
+        help="server time to render each dashboard page on a table of N tiles (AppTest, cold and warm)",
+        description="Load N synthetic tiles (embeddings, detections, alerts) into the configured "
+        "database under a throw-away survey, time each page's script run, then delete them.",
+    )
+    b.add_argument("--tiles", type=positive_int, default=200_000, metavar="N", help="tiles (default: 200000)")
+    b.add_argument(
+        "--repeats", type=positive_int, default=5, metavar="R", help="warm runs per page (default: 5)"
+    )
+    b.add_argument("--keep", action="store_true", help="keep the loaded rows (reused by the next --keep run)")
+    b.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    b.set_defaults(func=_bench)
+
+
+def streamlit_command(
+    settings: Settings, *, port: int | None = None, address: str | None = None
+) -> list[str]:
+    """The ``streamlit run`` command line of the dashboard."""
+    argv = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port or settings.dashboard_port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        # the app is a service: code changes arrive by restart, not by watching files
+        "--server.fileWatcherType",
+        "none",
+    ]
+    if address:
+        argv += ["--server.address", address]
+    return argv
+
+
+def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    argv = streamlit_command(settings, port=args.port, address=args.address)
+    print(f"galsift dashboard on port {args.port or settings.dashboard_port}", flush=True)
+    os.execv(argv[0], argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from dashboard import bench
+
+    return bench.main(settings, tiles=args.tiles, repeats=args.repeats, keep=args.keep, json_path=args.json)

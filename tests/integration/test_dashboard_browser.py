@@ -1,0 +1,338 @@
+"""End to end in a real browser: Debian's Chromium, driven by Selenium, against ``galsift dashboard``.
+
+The demo tiles of the repository (``ingest/demo_tiles``) are published to Kafka, ingested and
+embedded by the real stages, a few of them get lens alerts (rows as the detector service writes
+them; the detector itself is tested elsewhere), and ``galsift dashboard`` is started as a
+subprocess with the stack's settings. The browser signs in by name, starts a HITL session, marks
+two rounds of candidates and submits them; the labels must then be in ``hitl_labels``. A
+screenshot of every page goes to ``docs/screenshots/`` (the README shows them).
+
+Readiness is always polled (Streamlit's ``/_stcore/health``, elements with ``WebDriverWait``),
+never slept for. Chromium and chromedriver come from Debian (``deploy/bootstrap.sh``); nothing is
+downloaded: Selenium is given both paths, so its driver manager never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ingest_support import StageRunner, isolated_settings
+from sqlalchemy import Engine, text
+
+from galsift.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+DEMO = ROOT / "ingest" / "demo_tiles"
+#: Streamlit reruns on 2 busy cores: generous, since every wait is a poll that returns at once
+WAIT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def demo(stack_settings: Settings, engine: Engine) -> dict[str, Any]:
+    """Demo tiles published, ingested and embedded; three of them with lens alerts."""
+    from encoder.service import SHIPPED_CHECKPOINT, Embedder, EncodeStage
+    from ingest.publish import publish_paths
+    from ingest.service import IngestStage
+
+    settings = isolated_settings(stack_settings, "dashboard")
+    survey = f"dashdemo-{uuid.uuid4().hex[:6]}"
+    report = publish_paths(
+        settings, [DEMO / "gz_decals_examples", DEMO / "cfhtls_lens_candidates"], survey=survey
+    )
+    assert report.published >= 60
+    uid = uuid.uuid4().hex[:6]
+    StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
+        timeout_s=180
+    )
+    embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu")
+    encode = EncodeStage(settings, engine, embedder, group_id=f"enc-{uid}")
+    StageRunner(encode, idle_exit_s=3).start().join(timeout_s=300)  # type: ignore[arg-type]
+    with engine.begin() as c:
+        rows = c.execute(
+            text(
+                "SELECT t.id, e.model_version FROM tiles t JOIN embeddings e ON e.tile_id = t.id "
+                "WHERE t.survey = :s ORDER BY t.external_id"
+            ),
+            {"s": survey},
+        ).all()
+        assert len(rows) == report.published
+        version = str(rows[0][1])
+        for i, (tid, _) in enumerate(rows[-3:]):
+            xm = json.dumps({"known": i == 0, "catalog": "lenscat", "match": {"name": "demo known"}})
+            c.execute(
+                text(
+                    "INSERT INTO alerts (tile_id, model_version, kind, score, crossmatch) "
+                    "VALUES (:t, :v, 'lens', :s, CAST(:x AS jsonb))"
+                ),
+                {"t": tid, "v": version, "s": 0.97 - 0.02 * i, "x": xm},
+            )
+    return {"settings": settings, "survey": survey, "version": version, "n": len(rows)}
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``galsift dashboard`` on a free port, ready (health endpoint answers)."""
+    from deploy.cli import service_command, service_env
+
+    settings: Settings = demo["settings"]
+    port = _free_port()
+    env = service_env(settings)
+    env.pop("GALSIFT_DASHBOARD_PASSWORD", None)
+    log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            service_command(["dashboard", "--port", str(port), "--address", "127.0.0.1"]),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dashboard did not come up: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium from Debian through its chromedriver."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail("Chromium and chromedriver are missing: run deploy/bootstrap.sh (Debian packages)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1600,1300",
+    ):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _wait(driver: Any, css: str, *, clickable: bool = False) -> Any:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cond = ec.element_to_be_clickable if clickable else ec.presence_of_element_located
+    return WebDriverWait(driver, WAIT_S).until(cond((By.CSS_SELECTOR, css)))
+
+
+def _idle(driver: Any) -> None:
+    """Wait until Streamlit finished the current script run (its status widget is gone)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+    )
+
+
+def _type(driver: Any, key: str, value: str, *, enter: bool = True) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    field = _wait(driver, f".st-key-{key} input", clickable=True)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(value + (Keys.ENTER if enter else ""))
+
+
+def _click(driver: Any, key: str) -> None:
+    _wait(driver, f".st-key-{key} button", clickable=True).click()
+
+
+def _shot(driver: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    _idle(driver)
+    # the whole page, not just the viewport: Chromium renders the document's full height
+    height = driver.execute_script(
+        "const m = document.querySelector('section.stMain') || document.body; return m.scrollHeight"
+    )
+    driver.set_window_size(1600, max(1000, min(int(height) + 200, 4000)))
+    _idle(driver)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    driver.set_window_size(1600, 1300)
+
+
+def _shown(engine: Engine, sid: int, rnd: int) -> list[tuple[int, uuid.UUID]]:
+    with engine.connect() as c:
+        return [
+            (int(r[0]), r[1])
+            for r in c.execute(
+                text(
+                    "SELECT rank, tile_id FROM hitl_shown WHERE session_id = :s AND round_no = :r ORDER BY rank"
+                ),
+                {"s": sid, "r": rnd},
+            )
+        ]
+
+
+def _wait_db(predicate: Any, what: str) -> Any:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {WAIT_S} s for {what}")
+        time.sleep(0.2)
+
+
+# -- the test ---------------------------------------------------------------------------------------
+def test_two_hitl_rounds_in_a_browser_and_screenshots(
+    dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engine
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    user = f"eve{uuid.uuid4().hex[:4]}"
+    driver = browser
+    driver.get(f"{dashboard_url}/hitl")
+    _type(driver, "galsift_user_field", user)
+    _idle(driver)
+    # the new-session form: the demo tiles' model version, no seeds (the first page is the most unusual)
+    _wait(driver, ".st-key-hitl_concept input")
+    _type(driver, "hitl_concept", "spiral", enter=False)
+    _type(driver, "hitl_version", demo["version"])
+    _click(driver, "hitl_start")
+    sid = _wait_db(
+        lambda: _scalar(engine, "SELECT id FROM hitl_sessions WHERE owner = :u", u=user), "the session row"
+    )
+    for rnd in (1, 2):
+        _wait(driver, f".st-key-hitl_next_{sid}_{rnd} button")
+        _idle(driver)
+        shown = _shown(engine, sid, rnd)
+        assert len(shown) == 12
+        good = {rank for rank, _ in shown[:2]}  # the first two candidates of each page are "good"
+        for rank in sorted(good):
+            radio = _wait(driver, f".st-key-hitl_v_{sid}_{rnd}_{rank}")
+            radio.find_element(By.XPATH, ".//label[.//p[text()='good']]").click()
+        if rnd == 2:
+            _shot(driver, "hitl")
+        _click(driver, f"hitl_next_{sid}_{rnd}")
+        _wait(driver, f".st-key-hitl_next_{sid}_{rnd + 1} button")
+        with engine.connect() as c:
+            labels = {
+                r[0]: bool(r[1])
+                for r in c.execute(
+                    text(
+                        "SELECT tile_id, good FROM hitl_labels WHERE session_id = :s AND round_no = :r AND author = :u"
+                    ),
+                    {"s": sid, "r": rnd, "u": user},
+                )
+            }
+        # all twelve labelled (unmarked count as bad), the two clicked ones good
+        assert set(labels) == {t for _, t in shown}
+        assert {t for t, g in labels.items() if g} == {t for rank, t in shown if rank in good}
+    _idle(driver)
+
+    # screenshots of the other pages, each with something on it
+    driver.get(f"{dashboard_url}/search")
+    _type(driver, "galsift_user_field", user)
+    _type(driver, "search_version", demo["version"])
+    _wait(driver, ".st-key-search_tile input")
+    _type(driver, "search_tile", f"{demo['survey']}:{_first_lens(engine, demo['survey'])}")
+    _wait(driver, ".st-key-search_export_csv")
+    _shot(driver, "search")
+
+    driver.get(f"{dashboard_url}/alerts")
+    _type(driver, "galsift_user_field", user)
+    _wait(driver, '[data-testid="stImage"]')
+    _shot(driver, "alerts")
+
+    driver.get(f"{dashboard_url}/sql")
+    _wait(driver, ".st-key-sql_query textarea")
+    area = driver.find_element(By.CSS_SELECTOR, ".st-key-sql_query textarea")
+    area.send_keys(
+        "SELECT survey, external_id, ra, dec, lens_score FROM galsift_api.tile_scores "
+        f"WHERE survey = '{demo['survey']}'"
+    )
+    _click(driver, "sql_run")
+    _wait(
+        driver,
+        '[data-testid="stVegaLiteChart"], [data-testid="stArrowVegaLiteChart"], [data-testid="stAlert"]',
+    )
+    _shot(driver, "sql")
+
+    driver.get(f"{dashboard_url}/operations")
+    _wait(driver, '[data-testid="stMetric"]')
+    _shot(driver, "operations")
+    for name in ("hitl", "search", "alerts", "sql", "operations"):
+        assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
+
+
+def _scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as c:
+        return c.execute(text(sql), params).scalar()
+
+
+def _first_lens(engine: Engine, survey: str) -> str:
+    return str(
+        _scalar(
+            engine,
+            "SELECT external_id FROM tiles WHERE survey = :s ORDER BY external_id DESC LIMIT 1",
+            s=survey,
+        )
+    )
+
+
+def test_chromium_is_debians() -> None:
+    """The browser is the distribution's package, not one a driver manager downloaded."""
+    assert shutil.which("chromium") == str(CHROMIUM) or CHROMIUM.exists()
+    out = subprocess.run(
+        [str(CHROMEDRIVER), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert "ChromeDriver" in out.stdout
+    assert os.access(CHROMIUM, os.X_OK) and sys.platform.startswith("linux")
