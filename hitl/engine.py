@@ -4,9 +4,9 @@ One round (:meth:`SearchEngine.next_round`):
 
 1. **fit** the light learner (:mod:`hitl.learner`) on the session's seeds and the owner's
    effective labels of the concept (labels from earlier sessions count too);
-2. **retrieve** candidates with pgvector HNSW queries around the learner's weight vector and the
-   newest positives, filtered to the session's model version and to tiles neither shown in this
-   session nor labelled (iterative index scans keep ``k`` rows coming back under that filter);
+2. **retrieve** candidates with pgvector HNSW queries around the seeds and the newest positives
+   (:meth:`hitl.learner.Learner.directions`), filtered to the session's model version and to
+   tiles neither shown in this session nor labelled (iterative index scans keep ``k`` rows coming back under that filter);
 3. **select** the page with :func:`hitl.acquisition.select` and store it with the strategy that
    chose each tile.
 
@@ -236,13 +236,14 @@ class SearchEngine:
             ids: dict[uuid.UUID, int] = {}
             vecs: list[np.ndarray] = []
             with self.engine.begin() as conn:
-                for qi, q in enumerate(learner.directions()):
-                    # the weight vector's neighbours are the learner's top scores: ask for more
+                for q in learner.directions():
+                    # around the seeds and the newest positives (see hitl.learner on why not
+                    # along the weight vector); the learner ranks what comes back
                     got = store.nearest_unseen(
                         conn,
                         q,
                         model_version=session.model_version,
-                        k=per * 2 if (qi == 0 and learner.coef is not None) else per,
+                        k=per,
                         exclude=exclude,
                         dim=self.dim,
                         exact=self.exact,
