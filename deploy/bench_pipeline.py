@@ -752,7 +752,7 @@ def bench_pipeline(
                 _wait_until(lambda: groups["watch"] in sampler.done, timeout_s=timeout_s, running=running)
         finally:
             sampler.stop()
-        metrics = {w.proc.pid: scrape(w.metrics_port) for w in running}
+        metrics = _settled_metrics(running, specs, n=n, timeout_s=120)
         stop_workers(running)
         times = tile_times(engine, survey)
         model_versions = _model_versions(engine, survey)
@@ -827,6 +827,31 @@ def _wait_drained(
             log.info("%d of %d tiles detected", got, n)
             next_log += 10
         time.sleep(0.5)
+
+
+def _settled_metrics(
+    running: Sequence[Worker], specs: Sequence[StageSpec], *, n: int, timeout_s: float
+) -> dict[int, dict[str, float]]:
+    """Every worker's metrics once each stage counted all ``n`` items.
+
+    A stage writes its rows, then publishes, commits and only then counts the batch: scraped the
+    moment the last detection row appears, the detector's last batch (possibly most of a burst)
+    would be missing from its batch time and its capacity.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = {w.proc.pid: scrape(w.metrics_port) for w in running}
+        short = [
+            s.name
+            for s in specs
+            if sum(metrics[w.proc.pid].get("galsift_consumed_total", 0.0) for w in running if w.spec is s) < n
+        ]
+        if not short:
+            return metrics
+        _check_alive(running)
+        if time.monotonic() > deadline:
+            raise BenchError(f"{', '.join(short)} did not count all {n} items in {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def _check_alive(running: Sequence[Worker]) -> None:
