@@ -20,14 +20,20 @@ import torch
 from sqlalchemy import Engine
 
 from db import repo
-from db.models import EmbeddingCreate, IngestErrorCreate, ModelVersionCreate, ModelVersionPublic
+from db.models import EmbeddingCreate, IngestErrorCreate, ModelVersionPublic
+from encoder.serving import (  # noqa: F401 - re-exported: callers import them from here
+    SHIPPED_CHECKPOINT,
+    checkpoint_path,
+    model_version_for,
+    promoted_version,
+    resolve_checkpoint,
+)
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Rejected, Stage
 
 log = logging.getLogger(__name__)
 
 #: the checkpoint the demo and the evaluations use when none is configured
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "lvm_tiny.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,21 +41,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def model_version_for(checkpoint: Path, card: dict[str, Any]) -> ModelVersionCreate:
-    """The registry entry of a checkpoint: named by variant and weights checksum unless the card names it."""
-    from encoder.checkpoint import file_sha256
-
-    checksum = file_sha256(checkpoint)
-    name = str(card.get("version") or f"{card['variant']}-{checksum[:10]}")
-    return ModelVersionCreate(
-        name=name,
-        variant=str(card["variant"]),
-        checkpoint_uri=checkpoint.resolve().as_uri(),
-        checksum=checksum,
-        card=card,
-    )
 
 
 class Embedder:
@@ -221,61 +212,6 @@ def backfill(
         bar.update(len(rows))
     bar.close()
     return {"embedded": done, "failed": failed}
-
-
-def promoted_version(engine: Engine) -> ModelVersionPublic | None:
-    """The model version of the newest ``promotions`` row of role ``lvm``, or None.
-
-    The continual-pretraining job (:mod:`encoder.continual`) writes these rows.
-    """
-    from sqlalchemy import text
-
-    with engine.connect() as conn:
-        name = conn.execute(
-            text("SELECT model_version FROM promotions WHERE role = 'lvm' ORDER BY id DESC LIMIT 1")
-        ).scalar()
-    return None if name is None else repo.get_model_version(engine, str(name))
-
-
-def checkpoint_path(version: ModelVersionPublic) -> Path:
-    """The local path of a registered model version's checkpoint (``file://`` URI)."""
-    from urllib.parse import unquote, urlparse
-
-    return Path(unquote(urlparse(version.checkpoint_uri).path))
-
-
-def resolve_checkpoint(engine: Engine | None, model: str | None, settings: Settings) -> Path:
-    """A checkpoint path from ``--model``: a file, a registered version name, or the serving default.
-
-    Without ``--model``: ``settings.model_checkpoint`` when set (an operator's pin), else the
-    newest ``lvm`` promotion (when ``engine`` is given), else the shipped checkpoint.
-
-    Raises
-    ------
-    FileNotFoundError
-        If nothing matches.
-    """
-    if model is None:
-        promoted = None
-        if settings.model_checkpoint is None and engine is not None:
-            promoted = promoted_version(engine)
-        path = (
-            checkpoint_path(promoted)
-            if promoted is not None
-            else settings.model_checkpoint or SHIPPED_CHECKPOINT
-        )
-    elif Path(model).exists():
-        path = Path(model)
-    else:
-        version = repo.get_model_version(engine, model) if engine is not None else None
-        if version is None:
-            raise FileNotFoundError(f"{model!r} is neither a checkpoint file nor a registered model version")
-        path = checkpoint_path(version)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint {path} not found; train one with `galsift train pretrain` (see README)"
-        )
-    return path
 
 
 def run(

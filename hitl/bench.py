@@ -443,14 +443,14 @@ def run(
     BenchError
         If the options cannot make a benchmark.
     """
-    from hitl.embed import model_version_for, resolve_checkpoint
+    from encoder.serving import model_version_for, resolve_checkpoint
     from hitl.evaluate import database
 
     size = concept_size if concept_size is not None else max(24, n // 100)
     if n < 100 or min(sessions, rounds, per_round) < 1 or not 3 < size <= n // 2:
         raise BenchError("need --n >= 100, positive --sessions/--rounds/--per-round, 3 < concept size <= n/2")
     data = Path(data) if data is not None else DEMO_DATA
-    checkpoint = resolve_checkpoint(model, settings)
+    checkpoint = resolve_checkpoint(None, model, settings)
     version = model_version_for(checkpoint).name
     vectors, info = bench_vectors(
         n,

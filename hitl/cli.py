@@ -189,13 +189,12 @@ def _new(args: argparse.Namespace, settings: Settings) -> int:
         coords = [parse_position(c) for c in args.coords]
         images = []
         if args.image:
+            from encoder.serving import resolve_checkpoint
             from hitl.embed import embed_file
 
-            uri = store.checkpoint_of(engine, version)
-            if uri is None:
-                return _fail(f"model version {version} is not registered")
+            checkpoint = resolve_checkpoint(engine, version, settings)
             for path in args.image:
-                images.append((path.name, embed_file(path, checkpoint=_path_of(uri))))
+                images.append((path.name, embed_file(path, checkpoint=checkpoint)))
         session = SearchEngine(engine).new_session(
             owner=args.owner,
             concept=args.concept,
@@ -217,12 +216,6 @@ def _new(args: argparse.Namespace, settings: Settings) -> int:
         start = f"{seeds} seed(s)" if seeds else "no seeds: the first round shows the most unusual tiles"
         print(f"session {session.id}: {session.owner} searching {session.concept!r} in {version}, {start}")
     return 0
-
-
-def _path_of(uri: str) -> Path:
-    from urllib.parse import unquote, urlparse
-
-    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
 
 
 def _round(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,11 +6,8 @@ same preprocessing (:func:`encoder.data.load_model_input`) and the same model me
 (:meth:`encoder.models.LVM.embed`). :func:`embed_folder` does the same for a ``labels.csv``
 dataset folder (``galsift eval hitl``).
 
-Which checkpoint: :func:`resolve_checkpoint` follows the encoder service's rule (a file path, a
-registered model version's ``checkpoint_uri``, the configured ``model_checkpoint``, else the
-shipped :data:`SHIPPED_CHECKPOINT`), and :func:`model_version_for` names a checkpoint as the service
-registers it, so vectors embedded here land in the same model version's space. Both are repeated
-here because ``hitl`` may not import ``encoder.service`` (import-linter contract).
+Which checkpoint, and its model version's name, follow :mod:`encoder.serving` (the rule the
+embedding service uses), so vectors embedded here land in the same model version's space.
 """
 
 from __future__ import annotations
@@ -19,19 +16,11 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
-    from db.models import ModelVersionCreate
     from encoder.models import LVM
-    from galsift.settings import Settings
-
-#: the checkpoint used when none is configured (the same file as ``encoder.service.SHIPPED_CHECKPOINT``)
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "encoder" / "checkpoints" / "lvm_tiny.safetensors"
 
 
 class EmbedError(ValueError):
@@ -61,62 +50,6 @@ class FolderEmbeddings:
 
     def __len__(self) -> int:
         return len(self.files)
-
-
-def resolve_checkpoint(
-    model: str | None, settings: Settings | None = None, *, engine: Engine | None = None
-) -> Path:
-    """A checkpoint path from a file path, a registered model version name, or the default.
-
-    Parameters
-    ----------
-    model
-        A ``.safetensors`` path, a model version name registered in ``engine``'s database, or None
-        for ``settings.model_checkpoint`` (else :data:`SHIPPED_CHECKPOINT`).
-    settings
-        Configuration (its ``model_checkpoint``); None: the shipped checkpoint.
-    engine
-        Database to look a version name up in.
-
-    Raises
-    ------
-    FileNotFoundError
-        If nothing matches or the file is missing.
-    """
-    if model is None:
-        configured = getattr(settings, "model_checkpoint", None) if settings is not None else None
-        path = Path(configured) if configured else SHIPPED_CHECKPOINT
-    elif Path(model).exists():
-        path = Path(model)
-    else:
-        from db import hitl as store
-
-        uri = store.checkpoint_of(engine, model) if engine is not None else None
-        if uri is None:
-            raise FileNotFoundError(f"{model!r} is neither a checkpoint file nor a registered model version")
-        path = Path(unquote(urlparse(uri).path))
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found; train one with `galsift train pretrain`")
-    return path
-
-
-def model_version_for(checkpoint: Path) -> ModelVersionCreate:
-    """The registry entry of a checkpoint, named exactly as the embedding service names it.
-
-    The name is the card's ``version``, else ``<variant>-<first 10 hex of the weights' sha256>``.
-    """
-    from db.models import ModelVersionCreate
-    from encoder.checkpoint import file_sha256, read_card
-
-    card = read_card(checkpoint)
-    checksum = file_sha256(checkpoint)
-    return ModelVersionCreate(
-        name=str(card.get("version") or f"{card['variant']}-{checksum[:10]}"),
-        variant=str(card["variant"]),
-        checkpoint_uri=Path(checkpoint).resolve().as_uri(),
-        checksum=checksum,
-        card=card,
-    )
 
 
 @functools.lru_cache(maxsize=2)

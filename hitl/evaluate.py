@@ -506,14 +506,15 @@ def run(
     """
     from db import repo
     from db.models import ModelVersionCreate
-    from hitl.embed import FolderEmbeddings, embed_folder, model_version_for, resolve_checkpoint
+    from encoder.serving import model_version_for, resolve_checkpoint
+    from hitl.embed import FolderEmbeddings, embed_folder
     from hitl.engine import SearchEngine
 
     if min(seeds, rounds, per_round, draws) < 1:
         raise HitlEvalError("--seeds, --rounds, --per-round and --draws must be >= 1")
     t_start = time.perf_counter()
     data = Path(data)
-    checkpoint = resolve_checkpoint(model, settings)
+    checkpoint = resolve_checkpoint(None, model, settings)
     mv = model_version_for(checkpoint)
     emb = embed_folder(
         data,
