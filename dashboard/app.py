@@ -1,7 +1,7 @@
 """The galsift dashboard's single entry point: ``streamlit run dashboard/app.py`` (``galsift dashboard``).
 
 Sets the page up, asks for the password and user name (:mod:`dashboard.auth`) before any page can
-run, then routes with ``st.navigation`` to the pages in ``dashboard/pages/``.
+run, then routes with ``st.navigation`` to the pages in ``dashboard/views/``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PAGES = (
     ("sql.py", "SQL", ":material/database:", "sql"),
     ("operations.py", "Operations", ":material/monitoring:", "operations"),
 )
-PAGES_DIR = Path(__file__).resolve().parent / "pages"
+PAGES_DIR = Path(__file__).resolve().parent / "views"
 
 
 def main() -> None:

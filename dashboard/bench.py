@@ -274,7 +274,7 @@ def _apptest(page: str, session_id: int | None, tile: str | None) -> Any:
         at.session_state["sql_query"] = (
             "SELECT survey, external_id, ra, dec, lens_score FROM galsift_api.tile_scores LIMIT 200"
         )
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     return at
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingest_support import StageRunner, isolated_settings
+from ingest_support import StageRunner, isolated_settings, wait_for
 from sqlalchemy import Engine, text
 
 from galsift.settings import Settings
@@ -64,12 +64,20 @@ def demo(stack_settings: Settings, engine: Engine) -> dict[str, Any]:
     )
     assert report.published >= 60
     uid = uuid.uuid4().hex[:6]
-    StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
-        timeout_s=180
-    )
+    n = report.published
+    # each stage runs until its rows are all there (polled), not until it has been idle a while:
+    # on a loaded machine an idle timeout can end a stage before its input arrives
+    ingest = StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}")).start()
+    wait_for(lambda: _count(engine, "tiles t", survey) >= n, timeout_s=240, what="ingested tiles")
+    ingest.join(timeout_s=60, stop=True)
     embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu")
-    encode = EncodeStage(settings, engine, embedder, group_id=f"enc-{uid}")
-    StageRunner(encode, idle_exit_s=3).start().join(timeout_s=300)  # type: ignore[arg-type]
+    encode = StageRunner(EncodeStage(settings, engine, embedder, group_id=f"enc-{uid}")).start()  # type: ignore[arg-type]
+    wait_for(
+        lambda: _count(engine, "embeddings e JOIN tiles t ON t.id = e.tile_id", survey) >= n,
+        timeout_s=300,
+        what="embedded tiles",
+    )
+    encode.join(timeout_s=60, stop=True)
     with engine.begin() as c:
         rows = c.execute(
             text(
@@ -163,13 +171,14 @@ def browser() -> Iterator[Any]:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _wait(driver: Any, css: str, *, clickable: bool = False) -> Any:
+def _wait(driver: Any, selector: str, *, clickable: bool = False, by: str | None = None) -> Any:
+    """The element ``selector`` (CSS unless ``by`` says otherwise) once present (or clickable)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     cond = ec.element_to_be_clickable if clickable else ec.presence_of_element_located
-    return WebDriverWait(driver, WAIT_S).until(cond((By.CSS_SELECTOR, css)))
+    return WebDriverWait(driver, WAIT_S).until(cond((by or By.CSS_SELECTOR, selector)))
 
 
 def _idle(driver: Any) -> None:
@@ -199,7 +208,8 @@ def _shot(driver: Any, name: str) -> None:
     _idle(driver)
     # the whole page, not just the viewport: Chromium renders the document's full height
     height = driver.execute_script(
-        "const m = document.querySelector('section.stMain') || document.body; return m.scrollHeight"
+        "const m = document.querySelector('[data-testid=\"stMainBlockContainer\"]') || document.body;"
+        " return m.scrollHeight"
     )
     driver.set_window_size(1600, max(1000, min(int(height) + 200, 4000)))
     _idle(driver)
@@ -257,10 +267,13 @@ def test_two_hitl_rounds_in_a_browser_and_screenshots(
         assert len(shown) == 12
         good = {rank for rank, _ in shown[:2]}  # the first two candidates of each page are "good"
         for rank in sorted(good):
-            radio = _wait(driver, f".st-key-hitl_v_{sid}_{rnd}_{rank}")
-            radio.find_element(By.XPATH, ".//label[.//p[text()='good']]").click()
-        if rnd == 2:
-            _shot(driver, "hitl")
+            _wait(
+                driver,
+                f"//div[contains(concat(' ', @class, ' '), ' st-key-hitl_v_{sid}_{rnd}_{rank} ')]"
+                "//label[@data-testid='stRadioOption'][.//p[normalize-space(.)='good']]",
+                clickable=True,
+                by=By.XPATH,
+            ).click()
         _click(driver, f"hitl_next_{sid}_{rnd}")
         _wait(driver, f".st-key-hitl_next_{sid}_{rnd + 1} button")
         with engine.connect() as c:
@@ -276,7 +289,7 @@ def test_two_hitl_rounds_in_a_browser_and_screenshots(
         # all twelve labelled (unmarked count as bad), the two clicked ones good
         assert set(labels) == {t for _, t in shown}
         assert {t for t, g in labels.items() if g} == {t for rank, t in shown if rank in good}
-    _idle(driver)
+    _shot(driver, "hitl")
 
     # screenshots of the other pages, each with something on it
     driver.get(f"{dashboard_url}/search")
@@ -311,6 +324,13 @@ def test_two_hitl_rounds_in_a_browser_and_screenshots(
     _shot(driver, "operations")
     for name in ("hitl", "search", "alerts", "sql", "operations"):
         assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
+
+
+def _count(engine: Engine, source: str, survey: str) -> int:
+    with engine.connect() as c:
+        return int(
+            c.execute(text(f"SELECT count(*) FROM {source} WHERE t.survey = :s"), {"s": survey}).scalar_one()
+        )
 
 
 def _scalar(engine: Engine, sql: str, **params: Any) -> Any:

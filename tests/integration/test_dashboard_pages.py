@@ -25,6 +25,13 @@ pytestmark = pytest.mark.integration
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 
+# the HITL engine's numerical stack (scikit-learn, SciPy, their BLAS) is imported here, in the main
+# thread, not first inside AppTest's script thread: two runs crashed (SIGSEGV in the garbage
+# collector) while that import happened in the script thread on a heavily loaded machine
+import hitl.anomaly  # noqa: E402
+import hitl.engine  # noqa: E402
+import hitl.learner  # noqa: E402, F401
+
 
 @pytest.fixture(scope="module")
 def sky(engine: Engine, stack_settings: Settings) -> Sky:
@@ -54,7 +61,7 @@ def _app(page: str, user: str | None) -> AppTest:
     if user is not None:
         at.session_state[USER_KEY] = user
         at.session_state["galsift_user_field"] = user
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"views/{page}.py")
     return at
 
 
