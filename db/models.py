@@ -620,3 +620,93 @@ class Promotion(SQLModel, table=True):
     reason: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     created_at: datetime = _ts()
+
+
+# -- alert filters (migration 0009) ----------------------------------------------------------------
+class AlertFilter(SQLModel, table=True):
+    """A user's standing condition over ``galsift_api.tile_scores`` (docs/filters.md).
+
+    ``clause`` is a SQL WHERE clause that ``galsift filter add`` validated; the filter service runs
+    it as the ``galsift_reader`` login over each batch of newly detected tiles. The webhook URL
+    is a secret (Slack-style URLs carry their token): it is never listed nor exposed to readers.
+    """
+
+    __tablename__ = "alert_filters"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_alert_filters_name"),
+        CheckConstraint("name ~ '^[a-z0-9_-]{1,64}$'", name="ck_alert_filters_name"),
+        Index("ix_alert_filters_owner", "owner"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, description="[a-z0-9_-], also the topic filter.<name>")
+    owner: str = Field(max_length=128)
+    clause: str = Field(description="WHERE clause over galsift_api.tile_scores")
+    topic: str = Field(max_length=255)
+    webhook_url: str | None = Field(default=None, description="optional; POSTed each match (a secret)")
+    active: bool = True
+    error_count: int = Field(default=0, description="batches on which the clause failed")
+    last_error: str | None = None
+    last_error_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class FilterMatch(SQLModel, table=True):
+    """A newly detected tile that matched a filter, and the outbox of its topic message and webhook call.
+
+    One row per (filter, tile), written by the filter service; a replayed batch adds none.
+    ``topic_state`` goes pending -> sending (claimed by the publisher, with the topic's end offsets
+    in ``topic_scan_from``) -> published; ``webhook_state`` is None (no webhook), pending, sent or
+    failed.
+    """
+
+    __tablename__ = "filter_matches"
+    __table_args__ = (
+        UniqueConstraint("filter_id", "tile_id", name="uq_filter_matches_filter_tile"),
+        CheckConstraint(
+            "topic_state IN ('pending', 'sending', 'published')", name="ck_filter_matches_topic_state"
+        ),
+        CheckConstraint(
+            "webhook_state IS NULL OR webhook_state IN ('pending', 'sent', 'failed')",
+            name="ck_filter_matches_webhook_state",
+        ),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True, autoincrement=True))
+    filter_id: int = Field(foreign_key="alert_filters.id", ondelete="CASCADE")
+    tile_id: uuid.UUID = Field(foreign_key="tiles.id", ondelete="CASCADE")
+    payload: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False), description="the message body"
+    )
+    topic_state: str = Field(default="pending", max_length=16)
+    topic_scan_from: dict[str, Any] | None = Field(
+        default=None,
+        sa_column=Column(JSONB),
+        description="partition -> end offset of the topic when claimed (where a recovery scan starts)",
+    )
+    topic_partition: int | None = None
+    topic_offset: int | None = Field(default=None, sa_column=Column(BigInteger))
+    published_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    webhook_state: str | None = Field(default=None, max_length=16)
+    webhook_attempts: int = 0
+    webhook_next_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    webhook_status: int | None = None
+    webhook_error: str | None = None
+    webhook_sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    created_at: datetime = _ts()
+
+
+#: the publisher looks for a filter's unpublished matches, the webhook sender for due calls; partial
+#: indexes stay small, since nearly every row is published and sent in time
+Index(
+    "ix_filter_matches_unpublished",
+    FilterMatch.__table__.c.topic_state,  # type: ignore[attr-defined]
+    FilterMatch.__table__.c.id,  # type: ignore[attr-defined]
+    postgresql_where=FilterMatch.__table__.c.topic_state != "published",  # type: ignore[attr-defined]
+)
+Index(
+    "ix_filter_matches_webhook_due",
+    FilterMatch.__table__.c.webhook_next_at,  # type: ignore[attr-defined]
+    postgresql_where=FilterMatch.__table__.c.webhook_state == "pending",  # type: ignore[attr-defined]
+)

@@ -29,6 +29,8 @@ SERVICES: list[list[str]] = [
     # saved searches score every embedded tile and notify their owners (and their webhooks)
     ["watch"],
     ["notify"],
+    # users' alert filters over tiles.detected, each publishing on filter.<name> (and a webhook)
+    ["filters"],
     # retraining from saved labels, re-scoring, continual pretraining (APScheduler, jobs in the db)
     ["scheduler"],
 ]

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from galsift.cli import CommandGroups
 
 #: modules under detectors/ whose ``register(groups)`` adds commands
-TOPICS = ("detectors.cli_morphology", "detectors.cli_lens", "detectors.cli_alerts", "detectors.retrain")
+TOPICS = (
+    "detectors.cli_morphology",
+    "detectors.cli_lens",
+    "detectors.cli_alerts",
+    "detectors.retrain",
+    "detectors.filters",
+)
 
 
 def register(groups: CommandGroups) -> None:

@@ -1,12 +1,13 @@
-"""The detector service: ``tiles.embedded`` → detectors → ``detections`` and ``alerts.lens``.
+"""The detector service: ``tiles.embedded`` → detectors → ``detections``, ``alerts.lens``, ``tiles.detected``.
 
 Each worker is a member of the ``detector`` consumer group. Per consumed batch it reads the tiles
 and their embeddings from the database, runs the morphology heads on the embeddings and the
 Mask R-CNN lens finder on the stored pixels, writes lens masks to the object store, upserts every
 score keyed by (tile, detector model version, detector, label), creates alerts (and their webhook
 deliveries in the outbox) for lens scores at or above ``alert_threshold`` — idempotently, so a
-replayed batch creates none twice — publishes the batch's alerts on ``alerts.lens`` and only then
-commits. Webhooks are sent by the notifier (``galsift notify``), never by this loop, so a failing
+replayed batch creates none twice — publishes the batch's alerts on ``alerts.lens`` and one
+``tiles.detected`` message per scored tile (the alert filters' input, ``galsift filters``) and only
+then commits. Webhooks are sent by the notifier (``galsift notify``), never by this loop, so a failing
 webhook cannot slow the detectors down.
 """
 
@@ -16,6 +17,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -124,8 +126,12 @@ class DetectStage(Stage[tuple[str, str]]):
             log.warning("%s: %d embedded tiles no longer in the database, skipped", self.name, missing)
         scored = self.score(tiles)
         upsert_detections(self.engine, [d for s in scored for d in s.detections])
+        # the detections are durable: announce each scored tile on tiles.detected (the alert
+        # filters' input). Like the alerts, a replayed batch announces its tiles again; the
+        # filters store one match per (filter, tile), so a repeat publishes nothing twice
+        detected = self.detected_messages(scored)
         if self.lens is None:
-            return []
+            return detected
         candidates = build_alerts(
             [
                 ScoredTile(
@@ -147,11 +153,30 @@ class DetectStage(Stage[tuple[str, str]]):
             radius=self.settings.crossmatch_radius_arcsec * u.arcsec,
         )
         if not candidates:
-            return []
+            return detected
         stored = create_alerts(self.engine, [c.create() for c in candidates], self.settings.alert_webhooks)
         # every alert of the batch is published, new or replayed: the topic is at-least-once with
         # a stable alert id, while webhooks go through the outbox, which a replay never refills
-        return [Output(key=key, value=value) for key, value in alert_messages(candidates, stored.all)]
+        alerts = [Output(key=key, value=value) for key, value in alert_messages(candidates, stored.all)]
+        return alerts + detected
+
+    def detected_messages(self, scored: Sequence[Scored]) -> list[Output]:
+        """One ``tiles.detected`` message per tile that got at least one detection row."""
+        now = datetime.now(UTC)
+        return [
+            Output(
+                key=s.tile.tile_id.encode(),
+                value={
+                    "tile_id": s.tile.tile_id,
+                    "model_versions": sorted({d.model_version for d in s.detections}),
+                    "detected_at": now,
+                },
+                topic=self.settings.topics.detected,
+                schema="detected",
+            )
+            for s in scored
+            if s.detections
+        ]
 
     def score(self, tiles: Sequence[TileToScore]) -> list[Scored]:
         """Run the detectors on one batch of tiles (no database writes)."""

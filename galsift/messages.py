@@ -32,6 +32,8 @@ _SCHEMAS = {
     "dead": "dead.v1",
     "embedded": "embedded.v1",
     "alert": "alert.v1",
+    "detected": "detected.v1",
+    "filter_match": "filter_match.v1",
 }
 
 
@@ -86,7 +88,7 @@ def decode(name: str, payload: bytes, *, header: bytes | str | None = None) -> d
     Parameters
     ----------
     name
-        Expected schema (``tile``, ``accepted``, ``dead``, ``embedded``).
+        Expected schema (a key of ``_SCHEMAS``: ``tile``, ``embedded``, ``detected``, ...).
     payload
         The Kafka message value.
     header

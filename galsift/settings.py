@@ -33,6 +33,8 @@ class Topics(BaseSettings):
     embedded: str = "tiles.embedded"
     #: lens candidates for alerting
     alerts: str = "alerts.lens"
+    #: the detector announces each tile whose detections are durable; the alert filters consume it
+    detected: str = "tiles.detected"
 
 
 class Settings(BaseSettings):
@@ -89,6 +91,11 @@ class Settings(BaseSettings):
     webhook_rate_per_hour: int = Field(default=60, ge=1, le=100_000)
     #: attempts before a delivery is marked failed (exponential back-off between them)
     webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+
+    # -- alert filters -------------------------------------------------------------------------
+    #: statement timeout (seconds) of one alert filter's query over one batch, and of the check
+    #: ``galsift filter add`` runs; a filter that exceeds it is recorded as failing and skipped
+    filter_timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
 
     # -- HITL search, saved searches, scheduled jobs ---------------------------------------------
     #: seconds between the saved-search watcher's checks for new or retrained saved searches

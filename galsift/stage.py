@@ -115,10 +115,17 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Output:
-    """A message to publish downstream once the batch is durable."""
+    """A message to publish downstream once the batch is durable.
+
+    ``topic`` and ``schema`` default to the stage's :attr:`Stage.output_topic` and
+    :attr:`Stage.output_schema`; a stage that feeds several topics (the detector: alerts and
+    ``tiles.detected``) names them per message.
+    """
 
     key: bytes | None
     value: dict[str, Any]
+    topic: str | None = None
+    schema: str | None = None
 
 
 @dataclass
@@ -417,7 +424,9 @@ class Stage(ABC, Generic[P]):
                     raise
                 self.counters.write_retries += 1
                 metrics.WRITE_RETRIES.labels(self.name).inc()
-                log.warning(
+                # while a fault is being ridden out its FAULT line said it all: the replays of
+                # every back-off round stay out of the log (one line per fault, not per attempt)
+                (log.warning if self._fault is None else log.debug)(
                     "%s: batch write failed (attempt %d): %s: %s",
                     self.name,
                     attempt + 1,
@@ -486,18 +495,19 @@ class Stage(ABC, Generic[P]):
             return
         producer = self.producer()
         futures = []
-        if outputs:
-            if self.output_topic is None or self.output_schema is None:
-                raise RuntimeError(f"{self.name} produced outputs but has no output topic")
-            for out in outputs:
-                futures.append(
-                    producer.send(
-                        self.output_topic,
-                        key=out.key,
-                        value=messages.encode(self.output_schema, out.value),
-                        headers=messages.headers(self.output_schema),
-                    )
+        for out in outputs:
+            topic = out.topic or self.output_topic
+            schema = out.schema or self.output_schema
+            if topic is None or schema is None:
+                raise RuntimeError(f"{self.name} produced an output without a topic or schema")
+            futures.append(
+                producer.send(
+                    topic,
+                    key=out.key,
+                    value=messages.encode(schema, out.value),
+                    headers=messages.headers(schema),
                 )
+            )
         for rej in rejections:
             futures.append(
                 producer.send(

@@ -28,6 +28,7 @@ def isolated_settings(stack_settings: Settings, name: str, **over: Any) -> Setti
         dead=f"{prefix}.dead",
         embedded=f"{prefix}.embedded",
         alerts=f"{prefix}.alerts",
+        detected=f"{prefix}.detected",
     )
     settings = stack_settings.model_copy(update={"topics": topics, **over})
     ensure_topics(settings)

@@ -172,6 +172,10 @@ def test_lenses_alert_once_galaxies_never_and_known_lenses_are_marked(
 
     published = [messages.decode("alert", r.value) for r in read_topic(settings, settings.topics.alerts)]
     assert sorted(m["tile_id"] for m in published) == sorted(alerted)
+    # every scored tile is announced on tiles.detected (the alert filters' input), after its write
+    detected = [messages.decode("detected", r.value) for r in read_topic(settings, settings.topics.detected)]
+    assert {m["tile_id"] for m in detected} == set(kinds)
+    assert all(lens.version in m["model_versions"] for m in detected)
 
     deliver_due(engine, settings)
     assert len(webhook.calls) == 2
