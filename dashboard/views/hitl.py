@@ -68,7 +68,9 @@ def _pick_session(user: str, mine: list[Any]) -> int | None:
         st.session_state[PICK_KEY] = int(asked) if int(asked) in ids else None
     if st.session_state.get(PICK_KEY) not in options:
         st.session_state[PICK_KEY] = None
-    names = {int(s.id): f"#{s.id} {s.name} ({s.concept}, {s.rounds} rounds)" for s in mine}
+    # labels must not change from run to run (no round count): Streamlit resets a keyed selectbox
+    # whose displayed options change, which would drop the session being worked on
+    names = {int(s.id): f"#{s.id} {s.name} ({s.concept}, {s.model_version})" for s in mine}
     choice = st.selectbox(
         "Session",
         options,

@@ -192,11 +192,21 @@ def _idle(driver: Any) -> None:
 
 
 def _type(driver: Any, key: str, value: str, *, enter: bool = True) -> None:
+    """Type into the keyed widget's input; retried while a rerun re-renders it under the cursor."""
+    from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
     from selenium.webdriver.common.keys import Keys
 
-    field = _wait(driver, f".st-key-{key} input", clickable=True)
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys(value + (Keys.ENTER if enter else ""))
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        _idle(driver)
+        try:
+            field = _wait(driver, f".st-key-{key} input", clickable=True)
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(value + (Keys.ENTER if enter else ""))
+            return
+        except (ElementNotInteractableException, StaleElementReferenceException):
+            if time.monotonic() > deadline:
+                raise
 
 
 def _click(driver: Any, key: str) -> None:
@@ -243,8 +253,18 @@ def _wait_db(predicate: Any, what: str) -> Any:
 
 # -- the test ---------------------------------------------------------------------------------------
 def test_two_hitl_rounds_in_a_browser_and_screenshots(
-    dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engine
+    dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engine, tmp_path: Path
 ) -> None:
+    try:
+        _drive(dashboard_url, browser, demo, engine)
+    except Exception:
+        # what the browser showed when a wait ran out (a Streamlit exception is only shown there)
+        browser.save_screenshot(str(tmp_path / "failure.png"))
+        (tmp_path / "failure.html").write_text(browser.page_source)
+        raise
+
+
+def _drive(dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engine) -> None:
     from selenium.webdriver.common.by import By
 
     user = f"eve{uuid.uuid4().hex[:4]}"
@@ -292,7 +312,7 @@ def test_two_hitl_rounds_in_a_browser_and_screenshots(
     _shot(driver, "hitl")
 
     # screenshots of the other pages, each with something on it
-    driver.get(f"{dashboard_url}/search")
+    driver.get(f"{dashboard_url}/")  # Search is the default page, served at the root
     _type(driver, "galsift_user_field", user)
     _type(driver, "search_version", demo["version"])
     _wait(driver, ".st-key-search_tile input")
