@@ -33,6 +33,8 @@ SERVICES: list[list[str]] = [
     ["filters"],
     # retraining from saved labels, re-scoring, continual pretraining (APScheduler, jobs in the db)
     ["scheduler"],
+    # the Streamlit app on GALSIFT_DASHBOARD_PORT (its health is Streamlit's own /_stcore/health)
+    ["dashboard"],
 ]
 #: how long a service gets to finish its batch and commit after SIGTERM before SIGKILL
 STOP_GRACE_S = 30.0
@@ -144,9 +146,11 @@ def service_health(settings: Settings, *, timeout_s: float = 1.0) -> list[tuple[
 
     out = []
     for i, argv in enumerate(SERVICES):
-        port = settings.metrics_port_base + i
+        port, path = settings.metrics_port_base + i, "/healthz"
+        if argv[0] == "dashboard":
+            port, path = settings.dashboard_port, "/_stcore/health"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout_s) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as resp:
                 state = "healthy" if resp.status == 200 else resp.read().decode().strip()
         except urllib.error.HTTPError as err:  # 503: riding out a fault
             state = "FAULT " + err.read().decode().strip().replace("\n", "; ")
