@@ -543,13 +543,21 @@ def job_runs(limit: int = 50) -> list[dict[str, Any]]:
 
 
 @st.cache_data(ttl=10, show_spinner=False)
-def consumer_lag() -> list[dict[str, Any]]:
+def consumer_lag() -> list[dict[str, Any]] | str:
     """Per consumer group and topic: committed offsets, end offsets and their difference (lag).
 
     The same figure a stage reports of itself (end offset minus position), but from the broker's
-    side, so a stage that is down still shows its backlog. Raises ``KafkaError`` when the broker
-    does not answer within a few seconds.
+    side, so a stage that is down still shows its backlog. When the broker does not answer within
+    a few seconds, the error text is returned (and cached like a result: a broker that is away
+    must not cost every rerun the wait).
     """
+    try:
+        return _consumer_lag()
+    except Exception as exc:  # any client error means "Kafka did not answer"
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _consumer_lag() -> list[dict[str, Any]]:
     from kafka.admin import OffsetSpec
 
     from galsift.kafka import kafka_admin

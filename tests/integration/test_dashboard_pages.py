@@ -275,6 +275,7 @@ def test_operations_page(sky: Sky, stack_settings: Settings) -> None:
     assert not at.warning, [w.value for w in at.warning]
     assert {m.label for m in at.metric} >= {"tiles", "embeddings", "alerts"}
     lag = data.consumer_lag()
+    assert not isinstance(lag, str), lag
     assert any(r["group"] == group and r["topic"] == stack_settings.topics.raw for r in lag)
     dead, _ = data.dead_letters()
     assert any(r["reason"].startswith("bad_") for r in dead)
