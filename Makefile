@@ -19,8 +19,12 @@ setup: $(BIN)/galsift
 demo: setup
 	$(BIN)/galsift up --demo
 
+# The Streamlit AppTest tests run in a second pytest process: AppTest runs page scripts in
+# threads of the test process, and with the scientific C extensions loaded (galsim, torch,
+# sklearn) that crashed the interpreter (a segfault in the garbage collector) in a long session.
 test: setup
 	$(BIN)/pytest
+	$(BIN)/pytest -m apptest
 
 test-all: setup
 	$(BIN)/pytest -m "not remote_data"

@@ -21,7 +21,7 @@ from dashboard import data
 from dashboard.auth import USER_KEY
 from galsift.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.apptest, pytest.mark.integration]
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 

@@ -12,6 +12,8 @@ from streamlit.testing.v1 import AppTest
 from dashboard import auth, cli
 from galsift.settings import Settings
 
+pytestmark = pytest.mark.apptest
+
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 
 
