@@ -217,6 +217,7 @@ def _by_id(records: list[Any], schema: str, key: str) -> Counter[Any]:
 
 # ~3 minutes on two idle cores (seven stage processes and a notifier start, each loading its
 # models); on a CI runner shared with other work the starts alone can take minutes
+@pytest.mark.slow  # 6 worker processes and a 1 tile/s stream: minutes on 2 cores (make test-all)
 @pytest.mark.timeout(1200)
 def test_workers_join_and_leave_mid_stream_nothing_lost_or_doubled(
     stack_settings: Settings,
