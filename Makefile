@@ -27,7 +27,8 @@ test: setup
 	$(BIN)/pytest -m apptest
 
 test-all: setup
-	$(BIN)/pytest -m "not remote_data"
+	$(BIN)/pytest -m "not remote_data and not apptest"
+	$(BIN)/pytest -m apptest
 
 lint: setup
 	$(BIN)/ruff check .
