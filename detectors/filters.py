@@ -580,6 +580,7 @@ class FilterWebhookSender:
     def run(self) -> None:
         """Deliver until :meth:`stop`; a database that stops answering is ridden out with back-off."""
         wait = self.poll_s
+        down_since: float | None = None
         while True:
             # a stop request still gets this last round (the final batch's calls are due now)
             stopping = self._stop.is_set()
@@ -588,13 +589,23 @@ class FilterWebhookSender:
                 made = self.deliver_due()
                 wait = self.poll_s
             except SQLAlchemyError as exc:
-                log.warning(
-                    "filters: webhook sender: database unavailable (%s: %s); retrying",
-                    type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "",
-                )
+                # one line when the database goes away, one when it is back: not one per retry
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning(
+                        "filters: webhook sender: database unavailable (%s: %s); retrying",
+                        type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "",
+                    )
                 made = 0
                 wait = min(2 * wait, 30.0)
+            else:
+                if down_since is not None:
+                    log.warning(
+                        "filters: webhook sender: database RECOVERED after %.1f s",
+                        time.monotonic() - down_since,
+                    )
+                    down_since = None
             if stopping:
                 break
             if not made:
