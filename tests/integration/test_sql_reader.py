@@ -337,7 +337,10 @@ def test_similar_returns_k_neighbours_of_the_same_version(stack_settings: Settin
         distances = [row[3] for row in r.rows]
         assert distances == sorted(distances)
         expected = _brute_neighbours(world, version, i, 10)
-        assert len(set(expected) & {row[1] for row in r.rows}) >= 9  # HNSW: approximate, nearly exact here
+        # HNSW is approximate, and here it is filtered to one version of a table other tests share:
+        # the true nearest neighbour comes first and most of the exact ten are found
+        assert r.rows[0][1] == expected[0]
+        assert len(set(expected) & {row[1] for row in r.rows}) >= 8
 
     # without a version: the tile's newest embedding (version b for tiles that have one)
     i = int(np.flatnonzero(np.isfinite(world.vectors[world.version_b][:, 0]))[1])
