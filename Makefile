@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all test-apptest lint clean
 
 $(BIN)/galsift: pyproject.toml
 	bash deploy/bootstrap.sh
@@ -19,16 +19,18 @@ setup: $(BIN)/galsift
 demo: setup
 	$(BIN)/galsift up --demo
 
-# The Streamlit AppTest tests run in a second pytest process: AppTest runs page scripts in
-# threads of the test process, and with the scientific C extensions loaded (galsim, torch,
-# sklearn) that crashed the interpreter (a segfault in the garbage collector) in a long session.
+# The Streamlit AppTest page tests (marker apptest) are left out of `make test` for now: AppTest
+# runs page scripts in threads of the test process, and with the scientific C extensions loaded
+# (torch, galsim, sklearn, pyarrow) the interpreter crashes (segfault/abort) after the first
+# page test; the cause is not found yet (README, Status). `make test-apptest` runs them.
 test: setup
 	$(BIN)/pytest
+
+test-apptest: setup
 	$(BIN)/pytest -m apptest
 
 test-all: setup
 	$(BIN)/pytest -m "not remote_data and not apptest"
-	$(BIN)/pytest -m apptest
 
 lint: setup
 	$(BIN)/ruff check .
