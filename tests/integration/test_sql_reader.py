@@ -119,7 +119,10 @@ def world(engine: Engine) -> Iterator[World]:
         )
     vectors: dict[str, np.ndarray] = {}
     for key, keep in (("a", np.ones(len(ra), bool)), ("b", rng.random(len(ra)) < 0.6)):
-        v = rng.normal(size=(len(ra), EMBEDDING_DIM)).astype(np.float32)
+        # real embeddings lie near a low-dimensional manifold; isotropic 256-d noise would not
+        # (every pair is nearly equidistant there, and HNSW recall on it is a coin toss)
+        latent = rng.normal(size=(len(ra), 8)) @ rng.normal(size=(8, EMBEDDING_DIM))
+        v = (latent + 0.05 * rng.normal(size=latent.shape)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         v[~keep] = np.nan
         vectors[versions[key]] = v
