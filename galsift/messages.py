@@ -164,6 +164,6 @@ def unpack_pixels(
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def sha256(data: bytes) -> str:
+def sha256(data: bytes | bytearray | memoryview) -> str:
     """Hex sha256, the checksum kept for every stored object."""
     return hashlib.sha256(data).hexdigest()

@@ -7,10 +7,13 @@ database keeps the URI and the sha256 of the stored file.
 from __future__ import annotations
 
 import io
-import uuid
+import os
+import threading
+from contextlib import suppress
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from galsift.messages import sha256
 
@@ -29,6 +32,9 @@ class ObjectStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.root_url)
         #: directories already made by this store: one makedirs per directory, not per tile
         self._made: set[str] = set()
+        #: a local store writes with plain system calls: fsspec's file objects cost more than
+        #: the write itself at ingest rates (~0.3 ms a tile)
+        self._local = isinstance(self.fs, LocalFileSystem)
 
     def uri(self, key: str) -> str:
         """Full URI of ``key``."""
@@ -42,26 +48,60 @@ class ObjectStore:
         data, checksum = encode_array(pixels)
         return self.put_bytes(key, data), checksum
 
-    def put_bytes(self, key: str, data: bytes) -> str:
-        """Store ``data`` at ``key`` and return its URI; the file appears whole or not at all."""
+    def put_bytes(self, key: str, data: bytes | bytearray) -> str:
+        """Store ``data`` at ``key`` and return its URI; the file appears whole or not at all.
+
+        A failed write (a full disk, say) leaves no temporary file behind.
+        """
         path = f"{self.root}/{key}"
         parent = path.rsplit("/", 1)[0]
         if parent not in self._made:
             self.fs.makedirs(parent, exist_ok=True)
             self._made.add(parent)
-        # write to a temporary name and rename, so a crash never leaves a half-written tile
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        self.fs.mv(tmp, path)
+        # write to a temporary name and rename, so a crash never leaves a half-written tile; the
+        # name is unique per process and thread, and a thread writes one file at a time
+        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+        try:
+            if self._local:
+                _write_local(tmp, data)
+                os.replace(tmp, path)
+            else:
+                with self.fs.open(tmp, "wb") as fh:
+                    fh.write(data)
+                self.fs.mv(tmp, path)
+        except BaseException:
+            with suppress(Exception):
+                if self._local:
+                    os.unlink(tmp)
+                else:
+                    self.fs.rm(tmp)
+            raise
         return self.uri(key)
 
 
-def encode_array(pixels: np.ndarray) -> tuple[bytes, str]:
-    """The ``.npy`` bytes of ``pixels`` and their sha256 (the checksum the database keeps)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
-    data = buf.getvalue()
+def _write_local(path: str, data: bytes | bytearray) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def encode_array(pixels: np.ndarray) -> tuple[bytearray, str]:
+    """The ``.npy`` bytes of ``pixels`` and their sha256 (the checksum the database keeps).
+
+    The bytes are what :func:`numpy.save` writes, built with one copy of the pixels instead of
+    ``np.save``'s three (``tobytes``, the buffer, ``getvalue``).
+    """
+    arr = np.ascontiguousarray(pixels)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    head = header.getvalue()
+    data = bytearray(len(head) + arr.nbytes)
+    data[: len(head)] = head
+    data[len(head) :] = arr.reshape(-1).view(np.uint8).data
     return data, sha256(data)
 
 

@@ -19,6 +19,12 @@ the commit fail (``CommitFailedError``), or a database that stops answering rais
 consumer without committing, waits with back-off and joins the group again, which replays the
 uncommitted batch (harmless: writes are upserts). One line is logged again on recovery.
 
+A stage with ``overlap = True`` (ingest) runs the same lifecycle two batches deep: while a
+writer thread writes and publishes batch N, the consumer thread polls and prepares batch N+1;
+batch N's offsets are committed (explicitly, only N's) once its write and publish returned, so
+the commit still follows durable output. Kafka's consumer is single-threaded: polls and commits
+stay on the loop's thread, and only ``write``/``publish``/recording run on the writer.
+
 The stage knows no table: rejections and counters go to a :class:`Recorder` (the database's,
 ``db.repo.DbRecorder``, in the services) as plain rows.
 """
@@ -33,14 +39,15 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
 
 from galsift import messages, metrics
 from galsift.kafka import check_accelerations, make_consumer, make_producer
@@ -129,6 +136,26 @@ class Output:
 
 
 @dataclass
+class Batch(Generic[P]):
+    """One polled batch on its way through the lifecycle."""
+
+    records: list[Any]
+    prepared: list[tuple[Envelope, P]]
+    rejections: list[Rejection]
+    started: float
+    #: items whose write failed alone (after isolation); part of ``rejections`` once written
+    write_rejections: list[Rejection] = field(default_factory=list)
+
+    def offsets(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The offsets that commit exactly this batch (the next offset of each partition)."""
+        last: dict[TopicPartition, int] = {}
+        for rec in self.records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            last[tp] = max(last.get(tp, -1), rec.offset)
+        return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
+
+
+@dataclass
 class Counters:
     """Running totals a stage reports to the log and the ``stage_stats`` table."""
 
@@ -200,6 +227,8 @@ class Stage(ABC, Generic[P]):
     max_write_retries: ClassVar[int] = 3
     #: longest wait between attempts while a dependency is down
     max_backoff_s: ClassVar[float] = 30.0
+    #: poll and prepare the next batch while this one is written (see the module docstring)
+    overlap: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -221,6 +250,9 @@ class Stage(ABC, Generic[P]):
         #: the fault being ridden out, if any (logged once when it starts and once when it ends)
         self._fault: str | None = None
         self._fault_since = 0.0
+        #: overlap mode: the batch being written on the writer thread
+        self._inflight: tuple[Batch[P], Future[None]] | None = None
+        self._writer: ThreadPoolExecutor | None = None
 
     # -- what a stage implements -------------------------------------------------------------
     @property
@@ -299,7 +331,7 @@ class Stage(ABC, Generic[P]):
         try:
             while not self._stop:
                 try:
-                    n = self.run_once()
+                    n = self.step()
                 except Unavailable as exc:
                     self._on_fault(exc)
                     self._sleep(backoff)
@@ -324,8 +356,17 @@ class Stage(ABC, Generic[P]):
                 if max_batches is not None and batches >= max_batches:
                     break
         finally:
+            if self._inflight is not None:
+                try:
+                    self.settle()
+                except Exception as exc:  # not committed: the group replays the batch
+                    log.warning("%s: last batch not committed on exit: %s", self.name, exc)
             self.close()
         return self.counters
+
+    def step(self) -> int:
+        """One turn of the loop: :meth:`run_once`, or its overlapped form; records committed."""
+        return self._step_overlapped() if self.overlap else self.run_once()
 
     def run_once(self) -> int:
         """Consume, process, write, publish and commit one batch; return the records consumed.
@@ -335,48 +376,99 @@ class Stage(ABC, Generic[P]):
         Unavailable
             When the broker, the database or the object store failed; nothing was committed.
         """
+        batch = self._take(self.settings.batch_timeout_ms)
+        if batch is None:
+            self._maybe_stats(force=False)
+            return 0
+        self._finish(batch)
+        return self._commit(batch, self.consumer().commit)
+
+    def settle(self) -> int:
+        """Wait for the batch on the writer thread (overlap mode) and commit it; records committed.
+
+        Raises
+        ------
+        Unavailable
+            When its write or publish failed; nothing was committed.
+        """
+        if self._inflight is None:
+            return 0
+        batch, done = self._inflight
+        self._inflight = None
+        done.result()  # the writer's Unavailable (or a bug) surfaces here, before any commit
+        consumer = self.consumer()
+        return self._commit(batch, lambda: consumer.commit(batch.offsets()))
+
+    def _step_overlapped(self) -> int:
+        # a short poll while a batch is in flight, so the last batch of a burst is committed at once
+        timeout = (
+            self.settings.batch_timeout_ms
+            if self._inflight is None
+            else min(100, self.settings.batch_timeout_ms)
+        )
+        batch = self._take(timeout)
+        committed = self.settle()
+        if batch is not None:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-writer")
+            self._inflight = (batch, self._writer.submit(self._finish, batch))
+        elif not committed:
+            self._maybe_stats(force=False)
+        return committed
+
+    def _take(self, timeout_ms: int) -> Batch[P] | None:
+        """Poll one batch and prepare its items (the consumer's thread)."""
         started = time.perf_counter()
         try:
-            consumer = self.consumer()
-            polled = consumer.poll(
-                timeout_ms=self.settings.batch_timeout_ms, max_records=self.settings.batch_size
-            )
+            polled = self.consumer().poll(timeout_ms=timeout_ms, max_records=self.settings.batch_size)
         except KafkaError as exc:
             raise Unavailable(f"kafka poll: {type(exc).__name__}: {exc}") from exc
         records = [r for batch in polled.values() for r in batch]
         if not records:
-            self._maybe_stats(force=False)
-            return 0
+            return None
         prepared, rejections = self._prepare_all(records)
-        outputs, write_rejections = self._write_with_retries(prepared, records)
-        rejections.extend(write_rejections)
+        return Batch(records, prepared, rejections, started)
+
+    def _finish(self, batch: Batch[P]) -> None:
+        """Write the batch durably, publish its outputs and dead letters, record rejections."""
+        outputs, batch.write_rejections = self._write_with_retries(batch.prepared, batch.records)
+        batch.rejections.extend(batch.write_rejections)
         try:
-            self._publish(outputs, rejections)
+            self._publish(outputs, batch.rejections)
         except KafkaError as exc:
             raise Unavailable(f"kafka produce: {type(exc).__name__}: {exc}") from exc
-        if rejections:
+        if batch.rejections:
             try:
-                self.record_rejections(rejections)
+                self.record_rejections(batch.rejections)
             except Exception as exc:
                 if self.raise_exc or not self._store_down(exc):
                     raise
                 raise Unavailable(f"recording rejections: {type(exc).__name__}: {exc}") from exc
-        # everything this batch produced is durable: now, and only now, move the offsets.
-        # A commit refused after a rebalance or a broker restart (CommitFailedError: the group
-        # forgot this member) means another member, or this one after rejoining, replays it.
+
+    def _commit(self, batch: Batch[P], commit: Any) -> int:
+        """Move the offsets past a durable batch, then count it."""
+        # everything this batch produced is durable: now, and only now, move the offsets
         try:
-            consumer.commit()
+            commit()
+        except CommitFailedError as exc:
+            if not self.overlap:
+                # the group forgot this member (rebalance, broker restart): rejoin and replay
+                raise Unavailable(f"kafka commit: {type(exc).__name__}: {exc}") from exc
+            # overlap mode polls between a batch's write and its commit, so a rebalance can come
+            # in between; the batch is durable, the partitions' owner now replays it (upserts),
+            # and this consumer is already in the new generation and goes on
+            log.info("%s: a rebalance came before the commit; the partitions' owner replays it", self.name)
         except KafkaError as exc:
             raise Unavailable(f"kafka commit: {type(exc).__name__}: {exc}") from exc
-        self.counters.consumed += len(records)
+        n, rejected, failed = len(batch.records), batch.rejections, batch.write_rejections
+        accepted = len(batch.prepared) - len(failed)
+        self.counters.consumed += n
         self.counters.batches += 1
-        self.counters.accepted += len(prepared) - len(write_rejections)
-        self.counters.rejected += len(rejections)
-        self._count(
-            len(records), len(prepared) - len(write_rejections), rejections, time.perf_counter() - started
-        )
+        self.counters.accepted += accepted
+        self.counters.rejected += len(rejected)
+        self._count(n, accepted, rejected, time.perf_counter() - batch.started)
         self._maybe_stats(force=True)
-        return len(records)
+        return n
 
     def _count(self, consumed: int, accepted: int, rejections: Sequence[Rejection], seconds: float) -> None:
         """Move the Prometheus counters of one committed batch."""
@@ -475,6 +567,7 @@ class Stage(ABC, Generic[P]):
 
     def _drop_clients(self) -> None:
         """Close the Kafka clients without committing; the next batch makes new ones."""
+        self._abandon_inflight()
         consumer, self._consumer = self._consumer, None
         producer, self._producer = self._producer, None
         if consumer is not None:
@@ -483,6 +576,14 @@ class Stage(ABC, Generic[P]):
         if producer is not None:
             with suppress(Exception):
                 producer.close(timeout=5)
+
+    def _abandon_inflight(self) -> None:
+        """Let the writer finish (or fail) before its clients go, without committing: it replays."""
+        if self._inflight is not None:
+            _, done = self._inflight
+            self._inflight = None
+            with suppress(Exception):
+                done.result()
 
     def _sleep(self, seconds: float) -> None:
         """Wait, waking early when asked to stop."""
@@ -587,7 +688,11 @@ class Stage(ABC, Generic[P]):
             pass
 
     def close(self) -> None:
-        """Flush and close the Kafka clients."""
+        """Flush and close the Kafka clients (an uncommitted in-flight batch is replayed later)."""
+        self._abandon_inflight()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._producer is not None:
             self._producer.flush()
             self._producer.close()
@@ -598,6 +703,7 @@ class Stage(ABC, Generic[P]):
 
 
 __all__ = [
+    "Batch",
     "Counters",
     "Envelope",
     "NullRecorder",

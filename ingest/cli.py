@@ -81,6 +81,13 @@ def register(groups: CommandGroups) -> None:
     )
     p.add_argument("--data", type=Path, help="dataset folder to take tiles from (default: the bundled demo)")
     p.add_argument("-n", type=_positive_int, default=256, help="tiles per measurement (default: 256)")
+    p.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=1,
+        metavar="R",
+        help="stream runs; rows report the median (default: 1)",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep bench topics, rows and pixels")
     p.set_defaults(func=_bench)
@@ -179,7 +186,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.demo import demo_dir
 
     data = args.data or demo_dir()
-    doc = bench_ingest(settings, data=data, n=args.n, keep=args.keep)
+    doc = bench_ingest(settings, data=data, n=args.n, repeat=args.repeat, keep=args.keep)
     print(format_table(doc))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

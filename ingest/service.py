@@ -67,8 +67,9 @@ def healpix_index(ra: float | None, dec: float | None, *, order: int = HEALPIX_O
     return int(index)
 
 
-#: threads writing pixels to the object store (I/O bound: more than the cores is fine)
-STORE_THREADS = 4
+#: threads hashing and writing pixels (both release the GIL; more threads than cores only
+#: add GIL hand-offs)
+STORE_THREADS = 2
 
 
 class IngestStage(Stage[PreparedTile]):
@@ -91,6 +92,8 @@ class IngestStage(Stage[PreparedTile]):
     name: ClassVar[str] = "ingest"
     input_schema: ClassVar[str] = "tile"
     output_schema: ClassVar[str | None] = "accepted"
+    # the consumer thread polls and decodes the next batch while this one is stored
+    overlap: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -128,6 +131,10 @@ class IngestStage(Stage[PreparedTile]):
             self._writers.shutdown(wait=True)
             self._writers = None
 
+    def _put_all(self, tiles: Sequence[PreparedTile], encoded: Sequence[tuple[bytearray, str]]) -> None:
+        for tile, (data, _) in zip(tiles, encoded, strict=True):
+            self.store.put_bytes(tile.object_key, data)
+
     def prepare(self, item: Envelope) -> PreparedTile:
         """Validate one decoded tile and decode its pixels (raises ``Rejected`` for bad input)."""
         record = item.value
@@ -159,17 +166,22 @@ class IngestStage(Stage[PreparedTile]):
             latest[tile.tile_id] = tile
         tiles = list(latest.values())
         pool = self._pool()
-        # .npy bytes and sha256 on the writer threads (hashing releases the GIL); the rows need
-        # the checksums, the files are written while the rows are upserted, and both are done
-        # before anything is published or committed
-        encoded = list(pool.map(lambda t: encode_array(t.pixels), tiles))
-        writes = [
-            pool.submit(self.store.put_bytes, t.object_key, data)
-            for t, (data, _) in zip(tiles, encoded, strict=True)
-        ]
+        # .npy bytes and sha256 on the store threads (hashing and writing release the GIL), one
+        # task per thread and not per tile (a future costs more than hashing a small tile); the
+        # rows need the checksums, the files are written while the rows are upserted, and both
+        # are done before anything is published or committed
+        chunks = [tiles[i::STORE_THREADS] for i in range(STORE_THREADS)]
+        encoded_chunks = list(pool.map(lambda chunk: [encode_array(t.pixels) for t in chunk], chunks))
+        writes = [pool.submit(self._put_all, c, e) for c, e in zip(chunks, encoded_chunks, strict=True)]
+        checksum_of = {
+            t.tile_id: checksum
+            for chunk, blobs in zip(chunks, encoded_chunks, strict=True)
+            for t, (_, checksum) in zip(chunk, blobs, strict=True)
+        }
         rows: list[TileCreate] = []
         outputs: list[Output] = []
-        for tile, (_, checksum) in zip(tiles, encoded, strict=True):
+        for tile in tiles:
+            checksum = checksum_of[tile.tile_id]
             uri = self.store.uri(tile.object_key)
             shape = [int(n) for n in tile.pixels.shape]
             dtype = str(tile.pixels.dtype)

@@ -126,7 +126,7 @@ def test_bench_ingest_measures_and_cleans_up(
     from ingest.bench import bench_ingest
 
     before = count_rows(engine, "tiles")
-    doc = bench_ingest(stack_settings, data=repo_data / "legacy_dr9_fits", n=12)
+    doc = bench_ingest(stack_settings, data=repo_data / "legacy_dr9_fits", n=12, repeat=3)
     assert doc["command"] == "bench ingest" and doc["data"].endswith("legacy_dr9_fits")
     rows = {r["model"]: r for r in doc["results"]}
     assert set(rows) == {
@@ -140,6 +140,10 @@ def test_bench_ingest_measures_and_cleans_up(
     # throughput in bytes too, beside tiles, for the Kafka rows
     assert all(rows[m]["mb_per_s"] > 0 for m in ("publish", "kafka_raw_consume", "ingest_stage"))
     assert rows["upsert_row_by_row"]["calls"] == 12
+    # three stream runs: each row is the median one, and every run's rate is kept
+    for m in ("publish", "kafka_raw_consume", "ingest_stage"):
+        runs = rows[m]["per_s_runs"]
+        assert len(runs) == 3 and rows[m]["per_s"] == sorted(runs)[1]
     assert count_rows(engine, "tiles") == before
     with kafka_admin(stack_settings) as admin:
         assert not [t for t in admin.list_topics() if t.startswith("bench.")]

@@ -35,9 +35,11 @@ class FakeConsumer:
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[str, list[Rec]]:
         batch, self.records = self.records[:max_records], self.records[max_records:]
+        if batch:
+            self.events.append(f"poll {batch[0].offset}-{batch[-1].offset}")
         return {"tp": batch} if batch else {}
 
-    def commit(self) -> None:
+    def commit(self, offsets: dict[Any, Any] | None = None) -> None:
         if self.refuse_commits:
             self.refuse_commits -= 1
             # what kafka-python raises when the group forgot this member (rebalance, broker restart)
@@ -45,7 +47,12 @@ class FakeConsumer:
 
             raise CommitFailedError("UnknownMemberIdError")
         self.commits += 1
-        self.events.append("commit")
+        if offsets is None:
+            self.events.append("commit")
+        else:
+            self.events.append(
+                "commit " + ",".join(f"{tp.partition}:{o.offset}" for tp, o in offsets.items())
+            )
 
     def assignment(self) -> set[Any]:
         return set()
@@ -85,8 +92,10 @@ class Doubler(Stage[int]):
     output_schema: ClassVar[str | None] = "embedded"
     max_write_retries: ClassVar[int] = 2
 
-    def __init__(self, consumer: FakeConsumer, *, fail_writes: int = 0, poison: int | None = None) -> None:
-        super().__init__(Settings(batch_size=10), NullRecorder())
+    def __init__(
+        self, consumer: FakeConsumer, *, fail_writes: int = 0, poison: int | None = None, batch_size: int = 10
+    ) -> None:
+        super().__init__(Settings(batch_size=batch_size), NullRecorder())
         self._consumer = consumer  # type: ignore[assignment]
         self._producer = FakeProducer(consumer.events)  # type: ignore[assignment]
         self.events = consumer.events
@@ -151,7 +160,7 @@ def test_commit_comes_after_write_and_flush() -> None:
     consumer = FakeConsumer(_records([1, 2, 3]))
     stage = Doubler(consumer)
     assert stage.run_once() == 3
-    assert consumer.events == ["write", "flush", "commit"]
+    assert consumer.events == ["poll 0-2", "write", "flush", "commit"]
     assert stage.written == [1, 2, 3]
     outs = [messages.decode("embedded", v)["dim"] for t, v in stage._producer.sent if t == "out"]  # type: ignore[union-attr]
     assert outs == [2, 4, 6]
@@ -313,3 +322,65 @@ def test_metrics_endpoint_counts_batches_and_reports_faults() -> None:
     assert status == 503 and "doubler: kafka commit" in body
     metrics.HEALTH.ok("doubler")
     assert get("/healthz") == (200, "ok\n")
+
+
+class OverlappedDoubler(Doubler):
+    overlap: ClassVar[bool] = True
+
+
+def test_overlap_polls_the_next_batch_before_committing_exactly_the_written_one() -> None:
+    consumer = FakeConsumer(_records(list(range(7))))
+    stage = OverlappedDoubler(consumer, batch_size=3)
+    committed = [stage.step() for _ in range(5)]
+    # nothing is committed before its batch was written and flushed; each commit names only the
+    # written batch's next offset, although the consumer has already polled the following one
+    assert committed == [0, 3, 3, 1, 0]
+    # the consumer's thread: each poll comes before the previous batch's commit
+    main = [e for e in consumer.events if e.startswith(("poll", "commit"))]
+    assert main == ["poll 0-2", "poll 3-5", "commit 0:3", "poll 6-6", "commit 0:6", "commit 0:7"]
+    # the writer's thread: the n-th commit follows the n-th write and flush
+    for n, i in enumerate((i for i, e in enumerate(consumer.events) if e.startswith("commit")), start=1):
+        assert consumer.events[:i].count("write") >= n and consumer.events[:i].count("flush") >= n
+    assert stage.written == list(range(7))
+    assert stage.counters.consumed == 7 and stage.counters.batches == 3
+
+
+def test_overlap_a_failed_write_commits_nothing_and_the_next_batch_is_dropped_too() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    consumer = FakeConsumer(_records(list(range(6))))
+    stage = OverlappedDoubler(consumer, batch_size=3)
+
+    def down(prepared: Sequence[tuple[Envelope, int]]) -> list[Output]:
+        raise OperationalError("INSERT", {}, ConnectionError("connection refused"))
+
+    stage.write = down  # type: ignore[method-assign]
+    assert stage.step() == 0  # batch 0-2 handed to the writer
+    with pytest.raises(Unavailable):
+        stage.step()  # polls 3-5, then finds 0-2 failed: neither is committed
+    assert consumer.commits == 0
+    stage._on_fault(Unavailable("store"))
+    assert stage._inflight is None and "close" in consumer.events
+
+
+def test_overlap_a_commit_lost_to_a_rebalance_is_not_a_fault() -> None:
+    """The batch is durable; the partitions' new owner replays it and this member goes on."""
+    consumer = FakeConsumer(_records(list(range(6))))
+    consumer.refuse_commits = 1
+    stage = OverlappedDoubler(consumer, batch_size=3)
+    assert [stage.step() for _ in range(3)] == [0, 3, 3]
+    assert consumer.commits == 1 and consumer.events[-1] == "commit 0:6"
+    assert "close" not in consumer.events
+
+
+def test_overlap_run_commits_the_last_batch_on_exit() -> None:
+    consumer = FakeConsumer(_records(list(range(4))))
+    stage = OverlappedDoubler(consumer, batch_size=3)
+    stage.run(max_batches=1)
+    # it stopped after one committed batch, with the next in flight: that one is settled first
+    assert [e for e in consumer.events if e.startswith(("commit", "close"))] == [
+        "commit 0:3",
+        "commit 0:4",
+        "close",
+    ]
+    assert stage.counters.consumed == 4

@@ -1,0 +1,61 @@
+"""The pixel store: the bytes ``np.save`` writes, whole files or none, no debris after a failure."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from galsift.messages import sha256
+from galsift.objectstore import ObjectStore, encode_array, read_array
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [
+        np.random.default_rng(0).normal(size=(3, 64, 64)).astype(np.float32),
+        np.random.default_rng(1).integers(0, 255, size=(3, 152, 152), dtype=np.uint8),
+        np.asfortranarray(np.random.default_rng(2).normal(size=(2, 20, 30)).astype(np.float32)),
+        np.zeros((1, 32, 32), np.float32)[:, ::2],  # a strided view
+    ],
+)
+def test_encode_array_writes_what_np_save_writes(pixels: np.ndarray) -> None:
+    saved = io.BytesIO()
+    np.save(saved, np.ascontiguousarray(pixels), allow_pickle=False)
+    data, checksum = encode_array(pixels)
+    assert bytes(data) == saved.getvalue()
+    assert checksum == sha256(saved.getvalue())
+
+
+def test_put_and_read_round_trip_with_checksum(tmp_path: Path) -> None:
+    store = ObjectStore(f"file://{tmp_path}")
+    pixels = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
+    uri, checksum = store.put_array("tiles/s/a.npy", pixels)
+    assert np.array_equal(read_array(uri, checksum=checksum), pixels)
+    # a replay writes the same bytes over the same name
+    assert store.put_array("tiles/s/a.npy", pixels) == (uri, checksum)
+    assert sorted(p.name for p in (tmp_path / "tiles" / "s").iterdir()) == ["a.npy"]
+    with pytest.raises(OSError, match="checksum mismatch"):
+        read_array(uri, checksum="0" * 64)
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ObjectStore(f"file://{tmp_path}")
+    real_write = os.write
+
+    def full_after_a_bit(fd: int, data: memoryview) -> int:
+        if len(data) < 100:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data[:64])
+
+    monkeypatch.setattr("galsift.objectstore.os.write", full_after_a_bit)
+    with pytest.raises(OSError) as err:
+        store.put_bytes("tiles/s/b.npy", b"x" * 1000)
+    assert err.value.errno == errno.ENOSPC
+    assert list((tmp_path / "tiles" / "s").iterdir()) == []
