@@ -17,6 +17,7 @@ PAGES = (
     ("search.py", "Search", ":material/travel_explore:", "search"),
     ("hitl.py", "HITL loop", ":material/thumbs_up_down:", "hitl"),
     ("alerts.py", "Alerts", ":material/notifications_active:", "alerts"),
+    ("filters.py", "Alert filters", ":material/filter_alt:", "filters"),
     ("sql.py", "SQL", ":material/database:", "sql"),
     ("operations.py", "Operations", ":material/monitoring:", "operations"),
 )
