@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test test-all test-apptest lint clean
+.PHONY: setup demo test test-all lint clean
 
 $(BIN)/galsift: pyproject.toml
 	bash deploy/bootstrap.sh
@@ -19,18 +19,13 @@ setup: $(BIN)/galsift
 demo: setup
 	$(BIN)/galsift up --demo
 
-# The Streamlit AppTest page tests (marker apptest) are left out of `make test` for now: AppTest
-# runs page scripts in threads of the test process, and with the scientific C extensions loaded
-# (torch, galsim, sklearn, pyarrow) the interpreter crashes (segfault/abort) after the first
-# page test; the cause is not found yet (README, Status). `make test-apptest` runs them.
+# `make test` includes the Streamlit AppTest page tests (marker apptest; `pytest -m apptest`
+# runs only them).
 test: setup
 	$(BIN)/pytest
 
-test-apptest: setup
-	$(BIN)/pytest -m apptest
-
 test-all: setup
-	$(BIN)/pytest -m "not remote_data and not apptest"
+	$(BIN)/pytest -m "not remote_data"
 
 lint: setup
 	$(BIN)/ruff check .

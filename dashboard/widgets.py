@@ -86,6 +86,30 @@ def to_table(rows: Sequence[dict[str, Any]]) -> Any:
     return table
 
 
+def votable_bytes(table: Any) -> bytes:
+    """``table`` as a VOTable document (TABLEDATA, the same XML as ``table.write(format="votable")``).
+
+    Written with astropy's pure-Python TABLEDATA writer, never its C one
+    (``astropy.io.votable.tablewriter.write_tabledata``): that one writes a NUL byte one past the
+    end of its row buffer whenever a row's XML is exactly a power of two bytes long (256, 512, ...;
+    astropy issue 20419, fix proposed in PR 20428, not released). The stray byte lands in the next
+    block of Python's small-object allocator and corrupts whatever object lives there: the process
+    crashed later, far from the cause (SIGSEGV in the garbage collector, in ``gen_dealloc``, in
+    ``ast.parse`` of the next Streamlit script run), which is how the dashboard's AppTest tests died.
+    ``PYTHONMALLOC=debug`` shows it at once ("bad trailing pad byte" on a block ending in a
+    ``</TR>`` line); ``tests/unit/test_dashboard_tables.py`` checks this export under it.
+    """
+    import io
+
+    from astropy.io.votable import from_table
+
+    buf = io.BytesIO()
+    # _debug_python_based_parser: astropy's own switch (used by its tests) to the Python writer;
+    # if a later astropy drops it this raises TypeError instead of silently using the C writer
+    from_table(table).to_xml(buf, _debug_python_based_parser=True)
+    return buf.getvalue()
+
+
 def table_download(rows: Sequence[dict[str, Any]], *, name: str, key: str) -> None:
     """CSV and VOTable downloads of ``rows`` (see :func:`to_table`)."""
     import io
@@ -93,14 +117,13 @@ def table_download(rows: Sequence[dict[str, Any]], *, name: str, key: str) -> No
     if not rows:
         return
     table = to_table(rows)
-    csv_buf, vot_buf = io.StringIO(), io.BytesIO()
+    csv_buf = io.StringIO()
     table.write(csv_buf, format="ascii.csv")
-    table.write(vot_buf, format="votable")
     c1, c2 = st.columns(2)
     c1.download_button("CSV", csv_buf.getvalue(), file_name=f"{name}.csv", mime="text/csv", key=f"{key}_csv")
     c2.download_button(
         "VOTable",
-        vot_buf.getvalue(),
+        votable_bytes(table),
         file_name=f"{name}.xml",
         mime="application/x-votable+xml",
         key=f"{key}_vot",

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import textwrap
 import uuid
 from typing import Any
 
@@ -57,15 +61,41 @@ def test_result_table_exports_csv_and_votable_with_units_and_gaps() -> None:
     table = widgets.to_table(rows)
     assert table.colnames == ["id", "ra", "dec", "similarity", "known"]
     assert table["ra"].unit == u.deg and bool(table["ra"].mask[1])
-    buf = io.BytesIO()
-    table.write(buf, format="votable")
-    buf.seek(0)
-    back = parse_single_table(buf).to_table()
+    back = parse_single_table(io.BytesIO(widgets.votable_bytes(table))).to_table()
     assert back["ra"].unit == u.deg and back["similarity"][0] == 0.9
     assert str(back["id"][0]) == str(rows[0]["id"])
     csv = io.StringIO()
     table.write(csv, format="ascii.csv")
     assert csv.getvalue().splitlines()[0] == "id,ra,dec,similarity,known"
+
+
+def test_votable_export_writes_nothing_past_its_buffers() -> None:
+    """Rows of every XML length across 256, 512 and 1024 bytes through the dashboard's VOTable export,
+    under Python's debug allocator, which aborts on a byte written past a block's end.
+
+    astropy's C TABLEDATA writer writes a NUL one past its buffer when a row is exactly 256, 512
+    or 1024 bytes long; it corrupted the heap and crashed the AppTest tests far from the cause
+    (see :func:`dashboard.widgets.votable_bytes`). In a child process: the debug allocator must
+    be chosen at start-up, and an abort there is a failure here, not the end of pytest.
+    """
+    script = textwrap.dedent(
+        """
+        from astropy.table import MaskedColumn, Table
+        from dashboard import widgets
+
+        for n in range(100, 1100):
+            table = Table()
+            table.add_column(MaskedColumn(["x" * n, "y"], name="s", mask=[False, False]))
+            table.add_column(MaskedColumn([1.5, 0.0], name="ra", mask=[False, True]))
+            widgets.votable_bytes(table)
+        print("clean")
+        """
+    )
+    env = {**os.environ, "PYTHONMALLOC": "debug", "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr[-4000:]
 
 
 def test_filters_active() -> None:
