@@ -44,7 +44,9 @@ def settings() -> Settings:
     return Settings()
 
 
-@st.cache_resource(show_spinner=False)
+# a cleared cache (a settings change, the tests) closes the pool's connections instead of
+# leaving them to the garbage collector
+@st.cache_resource(show_spinner=False, on_release=lambda e: e.dispose())
 def engine() -> Engine:
     """The pooled engine on the galsift database (connections set up for HNSW search)."""
     from db.engine import get_engine

@@ -81,8 +81,10 @@ def main() -> None:
         )
         webhook = st.text_input("Webhook URL (optional)", key="filter_webhook")
         c1, c2 = st.columns(2)
-        test = c1.form_submit_button("Test on existing tiles", icon=":material/science:")
-        add = c2.form_submit_button("Add filter", type="primary", icon=":material/add_alert:")
+        test = c1.form_submit_button("Test on existing tiles", icon=":material/science:", key="filter_test")
+        add = c2.form_submit_button(
+            "Add filter", type="primary", icon=":material/add_alert:", key="filter_add"
+        )
     if test and clause.strip():
         try:
             _, result = store.dry_run(settings, engine, clause, limit=20, timeout_s=settings.filter_timeout_s)

@@ -224,6 +224,53 @@ def _alert_id(engine: Engine, tile: uuid.UUID) -> int:
 
 
 @pytest.mark.usefixtures("app_env")
+def test_filters_page_test_add_refuse_privacy_and_remove(sky: Sky, engine: Engine) -> None:
+    user, other = f"fa{uuid.uuid4().hex[:4]}", f"fb{uuid.uuid4().hex[:4]}"
+    name = f"bright-{user}"
+
+    def stored(n: str) -> list[tuple[str, str, str]]:
+        with engine.connect() as c:
+            return [
+                tuple(r)
+                for r in c.execute(
+                    text("SELECT owner, clause, topic FROM alert_filters WHERE name = :n"), {"n": n}
+                )
+            ]
+
+    at = _ok(_app("filters", user).run())
+    assert [t.value for t in at.title] == ["Alert filters"]
+    assert any("None yet" in c.value for c in at.caption)
+    at.text_input(key="filter_name").input(name)
+    at.text_area(key="filter_clause").input(f"lens_score > 0.5 AND survey = '{sky.survey}'")
+    at.button(key="filter_test").click()
+    _ok(at.run())
+    assert not at.error, [e.value for e in at.error]
+    assert at.success and "match" in at.success[0].value
+    assert stored(name) == []  # a test stores nothing
+    at.button(key="filter_add").click()
+    _ok(at.run())
+    assert stored(name) == [(user, f"lens_score > 0.5 AND survey = '{sky.survey}'", f"filter.{name}")]
+    assert name in at.dataframe[0].value["name"].tolist()
+
+    # a clause that is not one expression is refused with its reason, and nothing is stored
+    at.text_input(key="filter_name").input(f"evil-{user}")
+    at.text_area(key="filter_clause").input("1=1) UNION SELECT id FROM tiles --")
+    at.button(key="filter_add").click()
+    _ok(at.run())
+    assert at.error and "Not added (syntax)" in at.error[0].value
+    assert stored(f"evil-{user}") == []
+
+    # another user sees none of it and cannot remove it
+    at2 = _ok(_app("filters", other).run())
+    assert any("None yet" in c.value for c in at2.caption)
+    assert not at2.dataframe
+
+    at.button(key=f"filter_rm_{name}").click()
+    _ok(at.run())
+    assert stored(name) == []
+
+
+@pytest.mark.usefixtures("app_env")
 def test_sql_page_reads_as_reader_and_refuses_writes(sky: Sky, engine: Engine) -> None:
     at = _ok(_app("sql", None).run())
     at.text_area(key="sql_query").input(
