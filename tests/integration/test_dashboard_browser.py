@@ -325,6 +325,21 @@ def _drive(dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engin
     _wait(driver, '[data-testid="stImage"]')
     _shot(driver, "alerts")
 
+    # an alert filter added from its page is stored for this user, with its topic
+    driver.get(f"{dashboard_url}/filters")
+    _type(driver, "galsift_user_field", user)
+    _type(driver, "filter_name", f"bright-{user}".lower(), enter=False)
+    area = _wait(driver, ".st-key-filter_clause textarea", clickable=True)
+    area.send_keys("lens_score > 0.5")
+    _click(driver, "filter_add")
+    stored = _wait_db(
+        lambda: _scalar(engine, "SELECT clause FROM alert_filters WHERE owner = :u", u=user),
+        "the filter stored",
+    )
+    assert stored == "lens_score > 0.5"
+    _wait(driver, '[data-testid="stDataFrame"]')
+    _shot(driver, "filters")
+
     driver.get(f"{dashboard_url}/sql")
     _wait(driver, ".st-key-sql_query textarea")
     area = driver.find_element(By.CSS_SELECTOR, ".st-key-sql_query textarea")
@@ -342,7 +357,7 @@ def _drive(dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engin
     driver.get(f"{dashboard_url}/operations")
     _wait(driver, '[data-testid="stMetric"]')
     _shot(driver, "operations")
-    for name in ("hitl", "search", "alerts", "sql", "operations"):
+    for name in ("hitl", "search", "alerts", "filters", "sql", "operations"):
         assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
 
 
