@@ -107,7 +107,13 @@ def consumer_config(settings: Settings, *, group_id: str) -> dict[str, Any]:
 
 def make_consumer(settings: Settings, topic: str, *, group_id: str, **overrides: Any) -> KafkaConsumer:
     """A consumer-group member with manual commits and fetches sized for tile messages."""
-    return KafkaConsumer(topic, **{**consumer_config(settings, group_id=group_id), **overrides})
+    consumer = KafkaConsumer(topic, **{**consumer_config(settings, group_id=group_id), **overrides})
+    # load the topic's partitions before the first poll joins the group: kafka-python 3.0 can
+    # join with metadata that lacks the topic, and the group leader then assigns nothing and
+    # does not rejoin until the next metadata refresh (5 minutes). Seen as "No partition
+    # metadata for topic" and a consumer with no partitions for minutes.
+    consumer.partitions_for_topic(topic)
+    return consumer
 
 
 @contextmanager
