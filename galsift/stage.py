@@ -38,7 +38,7 @@ import signal
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -445,7 +445,7 @@ class Stage(ABC, Generic[P]):
                     raise
                 raise Unavailable(f"recording rejections: {type(exc).__name__}: {exc}") from exc
 
-    def _commit(self, batch: Batch[P], commit: Any) -> int:
+    def _commit(self, batch: Batch[P], commit: Callable[[], object]) -> int:
         """Move the offsets past a durable batch, then count it."""
         # everything this batch produced is durable: now, and only now, move the offsets
         try:
