@@ -45,26 +45,18 @@ def main() -> None:
     if not mine:
         st.caption("None yet: add one below.")
     else:
-        st.dataframe(
-            [
-                {
-                    k: f.as_row()[k]
-                    for k in (
-                        "name",
-                        "clause",
-                        "topic",
-                        "matches",
-                        "published",
-                        "webhook_sent",
-                        "error_count",
-                        "last_error",
-                    )
-                }
-                for f in mine
-            ],
-            hide_index=True,
-            width="stretch",
+        shown = (
+            "name",
+            "clause",
+            "topic",
+            "matches",
+            "published",
+            "webhook_sent",
+            "error_count",
+            "last_error",
         )
+        rows = [f.as_row() for f in mine]
+        st.dataframe([{k: r[k] for k in shown} for r in rows], hide_index=True, width="stretch")
         for f in mine:
             with st.expander(f"{f.name}: {f.clause}"):
                 _filter_details(f.name, user)
