@@ -82,6 +82,13 @@ def _add_pretrain(train: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sim-fraction", type=float, default=0.5, help="share of each batch simulated")
     p.add_argument("--sim-pool", type=int, default=1024, help="simulated images generated at start")
     p.add_argument("--sim-lens-fraction", type=float, default=0.35, help="share of lenses among sims")
+    p.add_argument(
+        "--sim-cache",
+        type=Path,
+        default=None,
+        help="folder keeping the simulated pools (8-bit .npz): reused when the seed, size and "
+        "simulation options match, so reruns and GPU nodes without GalSim skip the simulation",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -151,6 +158,7 @@ def _add_bench(groups: CommandGroups) -> None:
         "--seconds", type=float, default=None, help="timed seconds per model (default 8 CPU, 5 CUDA)"
     )
     p.add_argument("--no-baseline", action="store_true", help="skip timm swin_base")
+    p.add_argument("--compile", action="store_true", help="also time the embedding under torch.compile")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     p.set_defaults(func=_cmd_bench)
@@ -248,6 +256,7 @@ def _cmd_pretrain(args: argparse.Namespace, settings: Settings) -> int:
         device=_device(args, settings),
         limit=args.limit,
         cache_dir=_cache_dir(args, settings),
+        sim_cache=args.sim_cache,
         half=args.half,
         progress=not args.no_progress,
         overrides={"img_size": args.img_size} if args.img_size else {},
@@ -325,6 +334,7 @@ def _cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         device=args.device,
         seconds=args.seconds,
         baseline=not args.no_baseline,
+        compile=args.compile,
     )
     print(format_bench(report))
     if args.json:

@@ -71,7 +71,7 @@ DEFAULT_COLOUR_BANDS = ("R", "G", "B")
 # BAND_SCALES (per-band stretch scales) and DEFAULT_FLUX_BANDS (bands assumed for a float array
 # that does not name them) live in galsift.bands with the band contract, and are imported above
 #: file suffixes read as colour composites and as FITS flux
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fz")
 
 

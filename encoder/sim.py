@@ -13,7 +13,9 @@ channel order).
 * :func:`simulate_lens` — SIE + external shear lens (lenstronomy ray shooting, 2× supersampled),
   elliptical Sérsic source with blue colours lensed into arcs/rings, a red de Vaucouleurs lens
   galaxy, plus the same field; returns a mask of the arcs.
-* :func:`simulate_batch` — many of both, as model input, with masks.
+* :func:`simulate_batch` — many of both, as model input, with masks; :func:`cached_batch` keeps
+  such a pool in an 8-bit ``.npz`` (:func:`save_pool`) for reruns and for GPU nodes without
+  GalSim.
 
 Generation takes a few ms per galaxy and ~15-20 ms per lens (96 px); PSF profiles and images are
 cached per (band, FWHM bin).
@@ -21,9 +23,13 @@ cached per (band, FWHM bin).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -468,3 +474,70 @@ def simulate_batch(
         if sim.mask is not None:
             masks[i] = _resize_mask(sim.mask, size)
     return SimBatch(images, masks, is_lens, labels)
+
+
+# --------------------------------------------------------------------------- pool cache
+#: range of model-input values the pool cache stores in 8 bits; one step is 0.0078, a rounding
+#: error of std 0.0023, against the simulated sky noise of 0.025-0.04 in the same units
+CACHE_RANGE = (-0.25, 1.75)
+
+
+def save_pool(path: Path, batch: SimBatch, *, meta: dict[str, Any]) -> None:
+    """Write a simulated pool as a compressed ``.npz`` that :func:`load_pool` reads back.
+
+    Images are quantised to 8 bits over :data:`CACHE_RANGE` (values outside are clipped), which
+    makes a pool about 4× smaller than float16 and small enough to ship to a GPU node with its
+    training data; masks and labels are stored exactly. ``meta`` (the generation parameters) is
+    stored beside them so a cache made with other parameters is never mistaken for this one.
+    """
+    lo, hi = CACHE_RANGE
+    q = np.round((batch.images - lo) / (hi - lo) * 255).clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        images=q,
+        masks=np.packbits(batch.masks, axis=-1),
+        is_lens=batch.is_lens,
+        labels=batch.labels,
+        meta=np.array(json.dumps(meta, sort_keys=True)),
+    )
+    os.replace(tmp, path)
+
+
+def load_pool(path: Path, *, meta: dict[str, Any]) -> SimBatch | None:
+    """The pool cached at ``path`` if it was made with ``meta``; None if absent or made otherwise."""
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        if json.loads(str(f["meta"])) != json.loads(json.dumps(meta, sort_keys=True)):
+            return None
+        lo, hi = CACHE_RANGE
+        images = f["images"].astype(np.float32) * np.float32((hi - lo) / 255) + np.float32(lo)
+        size = images.shape[-1]
+        masks = np.unpackbits(f["masks"], axis=-1, count=size).astype(bool)
+        return SimBatch(images, masks, f["is_lens"], f["labels"])
+
+
+def cached_batch(n: int, *, cache: Path | None, meta: dict[str, Any], **kwargs: Any) -> SimBatch:
+    """:func:`simulate_batch` through the pool cache at ``cache`` (None: no cache).
+
+    Parameters
+    ----------
+    n
+        Number of images.
+    cache
+        ``.npz`` file of the pool; read when its ``meta`` matches, else (re)written.
+    meta
+        Everything the pool is a function of besides ``n`` (seed and stream of the generator,
+        size, lens fraction, zoom): the cache key.
+    **kwargs
+        Passed to :func:`simulate_batch`.
+    """
+    key = {**meta, "n": n}
+    if cache is not None and (hit := load_pool(cache, meta=key)) is not None:
+        return hit
+    batch = simulate_batch(n, **kwargs)
+    if cache is not None:
+        save_pool(cache, batch, meta=key)
+    return batch

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from encoder.checkpoint import (
     save_checkpoint,
 )
 from encoder.models import LVM, N_INPUT_STATS, create_model
+
+if TYPE_CHECKING:
+    from encoder.sim import SimBatch
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +272,7 @@ class PretrainConfig:
     device: str = "auto"
     limit: int | None = None
     cache_dir: Path | None = None
+    sim_cache: Path | None = None
     half: bool = False
     progress: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -282,6 +286,36 @@ class PretrainConfig:
             elif isinstance(v, tuple):
                 d[k] = [str(x) if isinstance(x, Path) else x for x in v]
         return d
+
+
+def simulated_pools(cfg: PretrainConfig, *, size: int) -> tuple[SimBatch, SimBatch]:
+    """The simulated training and validation pools of a pretraining run (empty without sims).
+
+    Each pool is a function of (seed, stream, size, lens fraction, zoom), which is also its key
+    in the ``cfg.sim_cache`` folder.
+    """
+    from encoder.sim import cached_batch
+
+    def sims(n: int, stream: int) -> SimBatch:
+        meta = {
+            "seed": cfg.seed,
+            "stream": stream,
+            "size": size,
+            "lens_fraction": cfg.sim_lens_fraction,
+            "zoom": list(cfg.sim_zoom),
+        }
+        return cached_batch(
+            n,
+            cache=None if cfg.sim_cache is None else cfg.sim_cache / f"pool{stream}.npz",
+            meta=meta,
+            rng=_np_rng(cfg.seed, 0, stream),
+            size=size,
+            lens_fraction=cfg.sim_lens_fraction,
+            zoom=cfg.sim_zoom,
+        )
+
+    on = cfg.sim_fraction > 0
+    return sims(cfg.sim_pool if on else 0, 101), sims(cfg.val_sims if on else 0, 102)
 
 
 class PretrainHeads(nn.Module):
@@ -351,19 +385,9 @@ class _Pretrainer:
         else:
             empty = np.zeros((0, 3, self.size, self.size), np.float32)
             self.real = UnlabelledImages(empty, empty, [])
-        from encoder.sim import SIM_LABELS, SimBatch, simulate_batch
+        from encoder.sim import SIM_LABELS
 
-        def sims(n: int, stream: int) -> SimBatch:
-            return simulate_batch(
-                n,
-                rng=_np_rng(cfg.seed, 0, stream),
-                size=self.size,
-                lens_fraction=cfg.sim_lens_fraction,
-                zoom=cfg.sim_zoom,
-            )
-
-        pool = sims(cfg.sim_pool if cfg.sim_fraction > 0 else 0, 101)
-        val = sims(cfg.val_sims if cfg.sim_fraction > 0 else 0, 102)
+        pool, val = simulated_pools(cfg, size=self.size)
         self.sims, self.val_sims = pool.images, val.images
         self.sim_targets = torch.from_numpy(pool.labels)
         self.val_sim_targets = val.labels
@@ -401,6 +425,9 @@ class _Pretrainer:
     # step -----------------------------------------------------------------
     def losses(self, x: Tensor, sim_truth: Tensor, g: torch.Generator) -> dict[str, Tensor]:
         cfg, model = self.cfg, self.model
+        # augment where the model runs: the random draws come from ``g`` on the CPU either way,
+        # so the batch is the same, but on a GPU the image work no longer waits for the CPU
+        x = _to_device(x, self.device)
         v1 = self.augment(x, g)
         corrupted = degrade(v1, g) if cfg.w_recon > 0 or cfg.w_mim > 0 else v1
         mask = None
@@ -408,7 +435,6 @@ class _Pretrainer:
             mask = block_mask(len(x), model.config.grid, ratio=cfg.mask_ratio, block=cfg.mask_block, g=g)
         use_sim = cfg.w_sim > 0 and len(sim_truth) > 0
         v2 = self.augment(x, g) if cfg.w_contrast > 0 or use_sim else None
-        v1, corrupted = _to_device(v1, self.device), _to_device(corrupted, self.device)
         out: dict[str, Tensor] = {}
         with _autocast(self.device):
             feats = model.encode(corrupted, None if mask is None else mask.to(self.device))
@@ -425,7 +451,7 @@ class _Pretrainer:
                     out["recon"] = (err * (1 - pm)).sum() / (1 - pm).sum().clamp(min=1)
                     out["mim"] = (err * pm).sum() / pm.sum().clamp(min=1)
             if v2 is not None:
-                z2 = model.learned_embedding_from(model.encode(_to_device(v2, self.device)))
+                z2 = model.learned_embedding_from(model.encode(v2))
                 if cfg.w_contrast > 0:
                     z1 = model.learned_embedding_from(feats)
                     out["contrast"] = nt_xent(self.heads.proj(z1), self.heads.proj(z2), cfg.temperature)
@@ -576,6 +602,23 @@ class _Pretrainer:
         final_step = max(end, self.start_step)
         card = self.save(final_step, time.perf_counter() - t0, final=final_step >= cfg.steps)
         return PretrainResult(final_step, self.history, card)
+
+
+def step_seconds(cfg: PretrainConfig, *, steps: int = 8, warmup: int = 3) -> float:
+    """Median seconds of one pretraining step of ``cfg`` on its device (data loaded first).
+
+    For sizing a run to a time budget; nothing is written and the weights are thrown away.
+    """
+    trainer = _Pretrainer(cfg)
+    trainer.load_data()
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        trainer.train_step(step)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[warmup:]))
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:

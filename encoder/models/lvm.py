@@ -491,6 +491,19 @@ def lvm_small(**overrides: Any) -> LVM:
 
 
 @register_model
+def lvm_mini(**overrides: Any) -> LVM:
+    """128 px, embed 48, depths 2/2/6/2 (~7.5M): a GPU-pretrained model still small enough to ship."""
+    cfg = LVMConfig(
+        embed_dim=48,
+        depths=(2, 2, 6, 2),
+        num_heads=(2, 4, 8, 16),
+        decoder_depths=(1, 1, 1),
+        mlp_ratio=3.0,
+    )
+    return _build("lvm_mini", cfg, overrides)
+
+
+@register_model
 def lvm_tiny(**overrides: Any) -> LVM:
     """96 px, window 6, embed 32, depths 2/2/2/2 (~3M): CPU tests, the demo, the shipped model."""
     cfg = LVMConfig(

@@ -23,8 +23,8 @@ from galsift.constants import EMBEDDING_DIM
 FORWARD_VARIANTS = [n for n in list_models() if n != "lvm_paper"]
 
 
-def test_registry_lists_the_three_variants() -> None:
-    assert {"lvm_paper", "lvm_small", "lvm_tiny"} <= set(list_models())
+def test_registry_lists_the_variants() -> None:
+    assert {"lvm_paper", "lvm_small", "lvm_mini", "lvm_tiny"} <= set(list_models())
     with pytest.raises(UnknownModelError):
         create_model("lvm_huge")
 

@@ -118,3 +118,31 @@ def test_rotation_crop_and_flux_scale_keep_colour() -> None:
     assert torch.allclose(scaled[:, 2], 0.25 * scaled[:, 0], atol=1e-6)
     identity = augment.random_affine(x, g, crop_scale=(1.0, 1.0), rotate=False)
     assert torch.allclose(identity, x, atol=1e-5)
+
+
+def test_pool_cache_round_trips_within_one_quantisation_step(tmp_path) -> None:
+    from encoder.sim import CACHE_RANGE, cached_batch
+
+    kwargs = {"rng": np.random.default_rng(5), "size": 32, "lens_fraction": 0.5}
+    meta = {"seed": 5, "size": 32}
+    fresh = cached_batch(6, cache=tmp_path / "pool.npz", meta=meta, **kwargs)
+    assert (tmp_path / "pool.npz").is_file()
+    # a second call reads the file: it does not simulate (a generator in another state would
+    # give other images)
+    again = cached_batch(6, cache=tmp_path / "pool.npz", meta=meta, rng=np.random.default_rng(99), size=32)
+    step = (CACHE_RANGE[1] - CACHE_RANGE[0]) / 255
+    inside = (fresh.images > CACHE_RANGE[0]) & (fresh.images < CACHE_RANGE[1])
+    assert np.abs(again.images - fresh.images)[inside].max() <= step / 2 + 1e-6
+    assert np.array_equal(again.masks, fresh.masks) and fresh.masks.any()
+    assert np.array_equal(again.labels, fresh.labels) and np.array_equal(again.is_lens, fresh.is_lens)
+
+
+def test_pool_cache_made_with_other_options_is_not_used(tmp_path) -> None:
+    from encoder.sim import cached_batch, load_pool
+
+    path = tmp_path / "pool.npz"
+    cached_batch(3, cache=path, meta={"seed": 1}, rng=np.random.default_rng(1), size=32)
+    assert load_pool(path, meta={"seed": 1, "n": 3}) is not None
+    assert load_pool(path, meta={"seed": 2, "n": 3}) is None
+    other = cached_batch(4, cache=path, meta={"seed": 1}, rng=np.random.default_rng(1), size=32)
+    assert len(other.images) == 4 and load_pool(path, meta={"seed": 1, "n": 4}) is not None
