@@ -1,14 +1,15 @@
 """``galsift dashboard`` (the Streamlit app) and ``galsift bench dashboard`` (page render times).
 
-``galsift dashboard`` replaces itself with ``streamlit run dashboard/app.py`` (headless, on
-``settings.dashboard_port``), so a supervisor's SIGTERM (``galsift up``) reaches Streamlit itself.
-The app reads the same settings from the environment (``GALSIFT_*``) and ``.env``.
+``galsift dashboard`` first does a new server's one-time work (:func:`dashboard.data.warm_up`:
+the pages' imports and the database pool), then runs Streamlit's own command line in the same
+process, ``streamlit run dashboard/app.py`` (headless, on ``settings.dashboard_port``), so the
+server keeps what was loaded and a supervisor's SIGTERM (``galsift up``) reaches Streamlit
+itself. The app reads the same settings from the environment (``GALSIFT_*``) and ``.env``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,10 +78,20 @@ def streamlit_command(
 
 
 def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from streamlit.web import cli as streamlit_cli
+
+    from dashboard import data
+
     argv = streamlit_command(settings, port=args.port, address=args.address)
-    print(f"galsift dashboard on port {args.port or settings.dashboard_port}", flush=True)
-    os.execv(argv[0], argv)
-    return 0  # pragma: no cover - execv does not return
+    took = data.warm_up()
+    print(
+        f"galsift dashboard on port {args.port or settings.dashboard_port} "
+        f"(warmed up: imports {took['imports']:.1f} s, database {took['pool']:.1f} s)",
+        flush=True,
+    )
+    # Streamlit's own command line, in this process: the server keeps what the warm-up loaded
+    sys.argv = ["streamlit", *argv[3:]]
+    return int(streamlit_cli.main() or 0)  # pragma: no cover - the server runs until stopped
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:

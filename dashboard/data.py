@@ -15,7 +15,10 @@ here; the SQL console goes through :func:`db.sql.run_readonly`, always as the re
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,8 +27,11 @@ from typing import Any
 import numpy as np
 import streamlit as st
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from galsift.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: the detector names the services write (detectors.service / detectors.morphology)
 LENS_DETECTOR = "lens_finder"
@@ -60,6 +66,51 @@ def search_engine() -> Any:
     from hitl.engine import SearchEngine
 
     return SearchEngine(engine())
+
+
+#: what the pages import on first use; a new server imports it before it accepts sessions
+WARM_MODULES = (
+    "pandas",
+    "PIL.Image",
+    "astropy.units",
+    "astropy.table",
+    "astropy.io.votable",
+    "astropy.visualization",
+    "astropy_healpix",
+    "db.hitl",
+    "db.filters",
+    "db.models",
+    "hitl.engine",
+    "hitl.anomaly",
+    "dashboard.images",
+    "dashboard.widgets",
+)
+
+
+def warm_up() -> dict[str, float]:
+    """A new server process's one-time work, done before it accepts sessions.
+
+    Imports :data:`WARM_MODULES` and opens the pooled connection and the search engine, so the
+    first page a user opens costs what any later first visit costs (its queries), not the
+    process's imports and connection set-up. A database that is down is logged, not raised: the
+    pages report it themselves, and the server must start anyway.
+
+    Returns
+    -------
+    dict
+        Seconds spent on ``imports`` and on the ``pool``.
+    """
+    t0 = time.perf_counter()
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    t1 = time.perf_counter()
+    try:
+        with engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+        search_engine()
+    except (SQLAlchemyError, OSError) as exc:
+        log.warning("dashboard warm-up: no database connection yet (%s)", exc.__class__.__name__)
+    return {"imports": t1 - t0, "pool": time.perf_counter() - t1}
 
 
 def clear_caches() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,39 @@ def test_streamlit_command_uses_the_configured_port() -> None:
     assert argv[argv.index("--server.port") + 1] == "8777"
     assert argv[argv.index("--server.headless") + 1] == "true"
     assert cli.streamlit_command(s, port=9000)[argv.index("--server.port") + 1] == "9000"
+
+
+# run in a child Python so that nothing imported by other tests hides a missing warm-up
+_LAUNCH = """
+import sys
+from streamlit.web import cli as streamlit_cli
+from dashboard import data
+from galsift.cli import main
+
+def server(*args, **kwargs):
+    print("argv", " ".join(sys.argv))
+    print("warm", all(name in sys.modules for name in data.WARM_MODULES))
+    return 0
+
+streamlit_cli.main = server
+sys.exit(main(["dashboard", "--port", "8799"]))
+"""
+
+
+def test_dashboard_warms_up_before_the_server_starts_even_without_a_database(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        # nothing listens on port 9: the warm-up must log this and let the server start
+        "GALSIFT_DATABASE_URL": "postgresql+psycopg://galsift@127.0.0.1:9/galsift",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCH], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "warm True" in out
+    assert "argv streamlit run " in out and "--server.port 8799" in out
+    assert "no database connection yet" in done.stderr + out
