@@ -7,6 +7,7 @@ Heavy modules (torch, torchvision, GalSim, lenstronomy) are imported inside the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -66,12 +67,21 @@ def _fail(command: str, exc: Exception) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     from detectors.lens_data import LensDataError
     from detectors.lens_eval import LensEvalError
+    from detectors.lens_head import LensHeadError
     from detectors.lens_train import LensTrainingError
     from detectors.lensfinder import LensFinderError
     from encoder.checkpoint import CheckpointError
     from encoder.data import DataError
 
-    return (LensTrainingError, LensDataError, LensEvalError, LensFinderError, CheckpointError, DataError)
+    return (
+        LensTrainingError,
+        LensDataError,
+        LensEvalError,
+        LensHeadError,
+        LensFinderError,
+        CheckpointError,
+        DataError,
+    )
 
 
 def _add_train(groups: CommandGroups) -> None:
@@ -200,6 +210,100 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _add_train_head(groups: CommandGroups) -> None:
+    from detectors.lens_head import DEFAULT_C, DEFAULT_LENS_HEAD
+
+    p = groups.train.add_parser(
+        "lens-head",
+        help="fit the lens head: real graded images turn the lens finder's score into a probability",
+        description="Fit a class-balanced logistic regression over the stored LVM embedding and the "
+        "lens finder's top score on real images graded lens / non-lens (a hash-chosen share of each "
+        "folder; the rest stays held out for galsift eval lens).",
+    )
+    p.add_argument(
+        "--positives",
+        action="append",
+        required=True,
+        metavar="DIR[:COL=V|:COL!=V]",
+        help="labels.csv folder (optionally filtered) of real lenses; repeatable",
+    )
+    p.add_argument(
+        "--negatives",
+        action="append",
+        required=True,
+        metavar="DIR[:COL=V|:COL!=V]",
+        help="labels.csv folder (optionally filtered) of real non-lenses; repeatable",
+    )
+    p.add_argument(
+        "--fraction", type=float, default=0.5, help="share of each folder trained on (default 0.5)"
+    )
+    p.add_argument(
+        "--detector", type=Path, default=None, help="lens finder checkpoint (default: the shipped one)"
+    )
+    p.add_argument("--encoder", type=Path, default=None, help="encoder checkpoint (default: the shipped one)")
+    p.add_argument("--c", type=float, default=DEFAULT_C, help="inverse regularisation (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting folds")
+    p.add_argument("--out", type=Path, default=DEFAULT_LENS_HEAD, help="card path (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device or 'auto' (default: settings.device)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-cache", action="store_true", help="do not use the preprocessing cache")
+    p.set_defaults(func=_cmd_train_head)
+
+
+def _embed(model: Any, images: Any, device: str) -> Any:
+    from encoder.evaluate import embed_images
+
+    return embed_images(model, images, batch_size=64, device=device)
+
+
+def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
+    from detectors.lens_data import NegativeSpec
+    from detectors.lens_head import LensHeadError, fit_lens_head, load_labelled
+    from detectors.lensfinder import LensFinder
+    from encoder import checkpoint
+    from encoder.evaluate import DEFAULT_CHECKPOINT
+
+    _threads(args.threads)
+    device = _device(args.device, settings)
+    try:
+        if not 0 < args.fraction <= 1:
+            raise LensHeadError(f"--fraction must be within (0, 1], got {args.fraction}")
+        finder = (
+            LensFinder.load(args.detector, device=device) if args.detector else LensFinder.load(device=device)
+        )
+        model, card = checkpoint.load_model(args.encoder or DEFAULT_CHECKPOINT)
+        model.eval().to(device)
+        pos = [NegativeSpec.parse(t) for t in args.positives]
+        neg = [NegativeSpec.parse(t) for t in args.negatives]
+        cache = _cache_dir(args, settings)
+        labelled = load_labelled(pos, neg, size=model.img_size, fraction=args.fraction, cache_dir=cache)
+        finder_images = labelled.images
+        if finder.image_size != model.img_size:
+            finder_images = load_labelled(
+                pos, neg, size=finder.image_size, fraction=args.fraction, cache_dir=cache
+            ).images
+        head = fit_lens_head(
+            _embed(model, labelled.images, device),
+            finder.scores(finder_images),
+            labelled.labels,
+            encoder_version=str(card["version"]),
+            detector_version=finder.version,
+            data=labelled.data,
+            c=args.c,
+            seed=args.seed,
+        )
+    except _user_errors() as exc:
+        return _fail("train lens-head", exc)
+    head.save(args.out)
+    m = head.card["metrics"]
+    print(
+        f"{head.version}: {m['n_lenses']} lenses, {m['n_non_lenses']} non-lenses; cross-fitted AUROC "
+        f"{m['cross_fitted_auroc']:.3f} (without the finder's score {m['cross_fitted_auroc_without_finder']:.3f}; "
+        f"the finder alone {m['finder_auroc']:.3f}) -> {args.out}"
+    )
+    return 0
+
+
 def _add_eval(groups: CommandGroups) -> None:
     p = groups.eval.add_parser(
         "lens",
@@ -219,6 +323,16 @@ def _add_eval(groups: CommandGroups) -> None:
         help="detector checkpoint (repeatable; default: the shipped LVM detector and the ResNet50 "
         f"baseline in {CHECKPOINT_DIR})",
     )
+    p.add_argument(
+        "--head",
+        type=Path,
+        action="append",
+        default=None,
+        help="lens head card (repeatable; default: the shipped one, when its lens finder is evaluated)",
+    )
+    p.add_argument(
+        "--encoder", type=Path, default=None, help="encoder checkpoint the heads read (default: shipped)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="torch device or 'auto' (default: settings.device)")
@@ -226,6 +340,31 @@ def _add_eval(groups: CommandGroups) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not use the preprocessing cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+
+def _head_scorers(args: argparse.Namespace, finders: list[Any], device: str) -> list[Any]:
+    """The lens heads to evaluate, each with the encoder it reads (checked against its card)."""
+    from detectors.lens_eval import HeadScorer
+    from detectors.lens_head import DEFAULT_LENS_HEAD, LensHead, LensHeadError
+    from encoder import checkpoint
+    from encoder.evaluate import DEFAULT_CHECKPOINT
+
+    paths = list(args.head or [])
+    if not paths and DEFAULT_LENS_HEAD.is_file():
+        shipped = LensHead.load(DEFAULT_LENS_HEAD)
+        if shipped.detector_version in {f.version for f in finders}:
+            paths = [DEFAULT_LENS_HEAD]
+    if not paths:
+        return []
+    model, card = checkpoint.load_model(args.encoder or DEFAULT_CHECKPOINT)
+    model.eval().to(device)
+    scorers = []
+    for path in paths:
+        head = LensHead.load(path, encoder_version=str(card["version"]))
+        if head.detector_version not in {f.version for f in finders}:
+            raise LensHeadError(f"{path} reads lens finder {head.detector_version}: pass it with --model")
+        scorers.append(HeadScorer(head, functools.partial(_embed, model, device=device), int(model.img_size)))
+    return scorers
 
 
 def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
@@ -248,12 +387,14 @@ def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             return _fail("eval lens", FileNotFoundError("no lens detector checkpoint found"))
     try:
         finders = [LensFinder.load(p, device=device) for p in paths]
+        heads = _head_scorers(args, finders, device)
         run = run_lens_eval(
             args.data,
             finders,
             score_col=args.score_col,
             positive_min=args.positive_min,
             negative_max=args.negative_max,
+            heads=heads,
             cache_dir=_cache_dir(args, settings),
             batch_size=args.batch_size,
             progress=not args.no_progress,
@@ -267,6 +408,7 @@ def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(groups: CommandGroups) -> None:
-    """Add ``galsift train lens`` and ``galsift eval lens``."""
+    """Add ``galsift train lens``, ``galsift train lens-head`` and ``galsift eval lens``."""
     _add_train(groups)
+    _add_train_head(groups)
     _add_eval(groups)

@@ -17,13 +17,14 @@ name) are left out for every detector of the run, and their number is reported.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from detectors.lens_head import LensHead
 from detectors.lensfinder import LensFinder
 
 
@@ -91,6 +92,25 @@ def trained_files(card: dict[str, Any], folder_name: str) -> set[str]:
     return out
 
 
+@dataclass(frozen=True)
+class HeadScorer:
+    """A lens head with what it reads: the embedding of an encoder and a lens finder's score.
+
+    Attributes
+    ----------
+    head
+        The fitted head.
+    embed
+        Model input (N, 3, S, S) of side ``size`` -> (N, D) embeddings of the head's encoder.
+    size
+        The encoder's input side.
+    """
+
+    head: LensHead
+    embed: Callable[[np.ndarray], np.ndarray]
+    size: int
+
+
 def run_lens_eval(
     data: Path,
     finders: Sequence[LensFinder],
@@ -98,16 +118,21 @@ def run_lens_eval(
     score_col: str,
     positive_min: float,
     negative_max: float,
+    heads: Sequence[HeadScorer] = (),
     cache_dir: Path | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> LensEvalRun:
-    """Score a graded folder with every detector and compute the metrics.
+    """Score a graded folder with every detector (and lens head) and compute the metrics.
+
+    Every row is measured on the same images: those that neither a detector nor a head was
+    trained on (their cards list them). A head's row scores its finder's output through it.
 
     Raises
     ------
     LensEvalError
-        If the thresholds overlap or a class is empty after leaving out trained-on files.
+        If the thresholds overlap, a class is empty after leaving out trained-on files, or a
+        head's lens finder is not among ``finders``.
     encoder.data.DataError
         If the folder does not follow the dataset contract or the column is not numeric.
     """
@@ -118,13 +143,23 @@ def run_lens_eval(
     if positive_min <= negative_max:
         raise LensEvalError(f"--positive-min {positive_min} must exceed --negative-max {negative_max}")
     folder = Path(data)
+    from detectors import lens_head
+
+    by_version = {f.version: f for f in finders}
+    for h in heads:
+        if h.head.detector_version not in by_version:
+            raise LensEvalError(
+                f"{h.head.version} reads lens finder {h.head.detector_version}, which is not loaded"
+            )
+    name = folder.resolve().name
     excluded: set[str] = set()
     for f in finders:
-        excluded |= trained_files(f.card, folder.resolve().name)
+        excluded |= trained_files(f.card, name)
+    for h in heads:
+        excluded |= lens_head.trained_files(h.head.card, name)
     sets: dict[int, Any] = {}
-    rows: list[dict[str, Any]] = []
-    for finder in tqdm(finders, desc="detectors", disable=not progress):
-        size = finder.image_size
+
+    def graded(size: int) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         if size not in sets:
             sets[size] = read_folder(folder, label=score_col, size=size, cache_dir=cache_dir)
         image_set = sets[size]
@@ -132,25 +167,43 @@ def run_lens_eval(
         keep = np.asarray([f not in excluded for f in image_set.files])
         positive = (grades >= positive_min) & keep
         negative = (grades <= negative_max) & keep
-        use = positive | negative
         if not positive.any() or not negative.any():
             raise LensEvalError(
                 f"{folder}: {int(positive.sum())} lenses and {int(negative.sum())} non-lenses after "
                 f"leaving out {int((~keep).sum())} trained-on images; need both"
             )
-        scores = finder.scores(image_set.images[use], batch_size=batch_size)
-        metrics = binary_metrics(scores, positive[use].astype(int))
+        left_out = int((~keep & ((grades >= positive_min) | (grades <= negative_max))).sum())
+        return image_set, positive, negative, np.asarray(left_out)
+
+    def row(
+        model: str, backbone: str, scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, n_out: Any
+    ) -> dict[str, Any]:
+        use = positive | negative
+        return {
+            "model": model,
+            "backbone": backbone,
+            **binary_metrics(scores, positive[use].astype(int)),
+            "n_positive": int(positive.sum()),
+            "n_negative": int(negative.sum()),
+            "n_excluded": int(n_out),
+        }
+
+    rows: list[dict[str, Any]] = []
+    finder_scores: dict[str, np.ndarray] = {}
+    for finder in tqdm(finders, desc="detectors", disable=not progress):
+        image_set, positive, negative, n_out = graded(finder.image_size)
+        scores = finder.scores(image_set.images[positive | negative], batch_size=batch_size)
+        finder_scores[finder.version] = scores
+        rows.append(row(finder.version, finder.backbone, scores, positive, negative, n_out))
+    for h in heads:
+        finder = by_version[h.head.detector_version]
+        image_set, positive, negative, n_out = graded(h.size)
+        embeddings = h.embed(image_set.images[positive | negative])
+        scores = h.head.predict(embeddings, finder_scores[finder.version])
         rows.append(
-            {
-                "model": finder.version,
-                "backbone": finder.backbone,
-                **metrics,
-                "n_positive": int(positive.sum()),
-                "n_negative": int(negative.sum()),
-                "n_excluded": int((~keep & ((grades >= positive_min) | (grades <= negative_max))).sum()),
-            }
+            row(h.head.version, f"{finder.backbone} + real-label head", scores, positive, negative, n_out)
         )
-    return LensEvalRun(folder, rows, [f.version for f in finders])
+    return LensEvalRun(folder, rows, [r["model"] for r in rows])
 
 
 def format_table(run: LensEvalRun) -> str:

@@ -1,0 +1,126 @@
+"""The lens head: fit, version, card checks, the labelled-image loader and its row in eval lens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detectors.lens_data import NegativeSpec, in_training_share
+from detectors.lens_head import LensHead, LensHeadError, fit_lens_head, load_labelled, trained_files
+
+
+def _separable(n: int = 80, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    emb = rng.normal(size=(n, d))
+    emb[:, 0] += 2.5 * (2 * y - 1)  # one informative dimension
+    finder = rng.uniform(0.01, 0.99, n)  # an uninformative finder score
+    return emb, finder, y
+
+
+def _fit(**kw: object) -> LensHead:
+    emb, finder, y = _separable()
+    args = {
+        "encoder_version": "enc-1",
+        "detector_version": "lens-1",
+        "data": [{"folder": "x", "files": ["a.jpg"]}],
+    }
+    return fit_lens_head(emb, finder, y, **{**args, **kw})  # type: ignore[arg-type]
+
+
+def test_head_ranks_lenses_above_non_lenses_and_measures_itself_out_of_fold() -> None:
+    head = _fit()
+    emb, finder, y = _separable(seed=1)  # new images of the same kind
+    p = head.predict(emb, finder)
+    assert ((p >= 0) & (p <= 1)).all()
+    assert p[y == 1].mean() > p[y == 0].mean() + 0.5
+    m = head.card["metrics"]
+    assert m["cross_fitted_auroc"] > 0.9 and m["n_lenses"] == m["n_non_lenses"] == 40
+    from sklearn.metrics import roc_auc_score
+
+    _, finder0, y0 = _separable()
+    assert m["finder_auroc"] == pytest.approx(roc_auc_score(y0, finder0))
+
+
+def test_saved_head_predicts_the_same_and_checks_what_it_reads(tmp_path: Path) -> None:
+    head = _fit()
+    path = tmp_path / "head.json"
+    head.save(path)
+    again = LensHead.load(path, encoder_version="enc-1", detector_version="lens-1")
+    emb, finder, _ = _separable(seed=2)
+    assert again.version == head.version and head.version.startswith("lens_head-")
+    np.testing.assert_allclose(again.predict(emb, finder), head.predict(emb, finder))
+    with pytest.raises(LensHeadError, match="encoder enc-1, not enc-2"):
+        LensHead.load(path, encoder_version="enc-2")
+    with pytest.raises(LensHeadError, match="lens finder lens-1, not lens-2"):
+        LensHead.load(path, detector_version="lens-2")
+    with pytest.raises(LensHeadError, match="dimensions"):
+        head.predict(emb[:, :4], finder)
+    # weights edited after the fact no longer give the card's version
+    doc = json.loads(path.read_text())
+    doc["weights"]["intercept"] += 1.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LensHeadError, match="the card says"):
+        LensHead.load(path)
+
+
+def test_one_class_is_refused() -> None:
+    emb, finder, _ = _separable()
+    with pytest.raises(LensHeadError, match="lenses and non-lenses"):
+        fit_lens_head(emb, finder, np.ones(len(emb), int), encoder_version="e", detector_version="d", data=[])
+
+
+def test_labelled_images_take_the_hash_share_and_record_it(small_lenses: Path) -> None:
+    pos = [NegativeSpec.parse(f"{small_lenses}:lens=1")]
+    neg = [NegativeSpec.parse(f"{small_lenses}:lens=0")]
+    got = load_labelled(pos, neg, size=32, fraction=0.5)
+    rows = [r.split(",") for r in (small_lenses / "labels.csv").read_text().splitlines()[1:]]
+    want = {f: int(lab) for f, lab in rows if in_training_share(small_lenses.name, f, 0.5)}
+    assert sorted(f for rec in got.data for f in rec["files"]) == sorted(want)
+    assert got.labels.tolist() == sorted(want.values(), reverse=True)  # positives first
+    assert got.images.shape == (len(want), 3, 32, 32)
+    assert all(rec["renderings"] == ["composite"] for rec in got.data)
+    card = {"data": got.data}
+    assert trained_files(card, small_lenses.name) == set(want) and not trained_files(card, "other")
+    with pytest.raises(LensHeadError, match="no column"):
+        load_labelled([NegativeSpec.parse(f"{small_lenses}:grade=1")], neg, size=32, fraction=0.5)
+
+
+def test_eval_lens_scores_the_head_on_images_nobody_trained_on(small_lenses: Path) -> None:
+    from detectors.lens_eval import HeadScorer, LensEvalError, run_lens_eval
+    from detectors.lensfinder import LensFinder
+    from encoder import checkpoint
+    from encoder.evaluate import DEFAULT_CHECKPOINT, embed_images
+
+    finder = LensFinder.load()
+    model, card = checkpoint.load_model(DEFAULT_CHECKPOINT)
+    pos, neg = [NegativeSpec.parse(f"{small_lenses}:lens=1")], [NegativeSpec.parse(f"{small_lenses}:lens=0")]
+    train = load_labelled(pos, neg, size=model.img_size, fraction=0.5)
+    head = fit_lens_head(
+        embed_images(model.eval(), train.images),
+        finder.scores(train.images),
+        train.labels,
+        encoder_version=card["version"],
+        detector_version=finder.version,
+        data=train.data,
+    )
+    scorer = HeadScorer(head, lambda x: embed_images(model, x), model.img_size)
+    run = run_lens_eval(
+        small_lenses, [finder], score_col="lens", positive_min=1, negative_max=0, heads=[scorer]
+    )
+    finder_row, head_row = run.rows
+    assert head_row["model"] == head.version and head_row["backbone"] == "lvm + real-label head"
+    # both rows on the same held-out images: the head's training share is left out of both
+    assert finder_row["n_excluded"] == head_row["n_excluded"] >= len(train.labels)
+    assert head_row["n_positive"] + head_row["n_negative"] + head_row["n_excluded"] == 24
+    assert 0.0 <= head_row["auroc"] <= 1.0
+    other = HeadScorer(
+        LensHead(head.mean, head.scale, head.coef, head.intercept, {**head.card, "detector_version": "x"}),
+        scorer.embed,
+        scorer.size,
+    )
+    with pytest.raises(LensEvalError, match="not loaded"):
+        run_lens_eval(small_lenses, [finder], score_col="lens", positive_min=1, negative_max=0, heads=[other])
