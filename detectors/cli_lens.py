@@ -251,17 +251,16 @@ def _add_train_head(groups: CommandGroups) -> None:
 
 
 def _embed(model: Any, images: Any, device: str) -> Any:
-    from encoder.evaluate import embed_images
+    from detectors.lens_head import embed
 
-    return embed_images(model, images, batch_size=64, device=device)
+    return embed(model, images, device=device)
 
 
 def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
     from detectors.lens_data import NegativeSpec
     from detectors.lens_head import LensHeadError, fit_lens_head, load_labelled
-    from detectors.lensfinder import LensFinder
+    from detectors.lensfinder import DEFAULT_ENCODER_CHECKPOINT, LensFinder
     from encoder import checkpoint
-    from encoder.evaluate import DEFAULT_CHECKPOINT
 
     _threads(args.threads)
     device = _device(args.device, settings)
@@ -271,7 +270,7 @@ def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
         finder = (
             LensFinder.load(args.detector, device=device) if args.detector else LensFinder.load(device=device)
         )
-        model, card = checkpoint.load_model(args.encoder or DEFAULT_CHECKPOINT)
+        model, card = checkpoint.load_model(args.encoder or DEFAULT_ENCODER_CHECKPOINT)
         model.eval().to(device)
         pos = [NegativeSpec.parse(t) for t in args.positives]
         neg = [NegativeSpec.parse(t) for t in args.negatives]
@@ -346,8 +345,8 @@ def _head_scorers(args: argparse.Namespace, finders: list[Any], device: str) -> 
     """The lens heads to evaluate, each with the encoder it reads (checked against its card)."""
     from detectors.lens_eval import HeadScorer
     from detectors.lens_head import DEFAULT_LENS_HEAD, LensHead, LensHeadError
+    from detectors.lensfinder import DEFAULT_ENCODER_CHECKPOINT
     from encoder import checkpoint
-    from encoder.evaluate import DEFAULT_CHECKPOINT
 
     paths = list(args.head or [])
     if not paths and DEFAULT_LENS_HEAD.is_file():
@@ -356,7 +355,7 @@ def _head_scorers(args: argparse.Namespace, finders: list[Any], device: str) -> 
             paths = [DEFAULT_LENS_HEAD]
     if not paths:
         return []
-    model, card = checkpoint.load_model(args.encoder or DEFAULT_CHECKPOINT)
+    model, card = checkpoint.load_model(args.encoder or DEFAULT_ENCODER_CHECKPOINT)
     model.eval().to(device)
     scorers = []
     for path in paths:

@@ -91,9 +91,10 @@ def test_labelled_images_take_the_hash_share_and_record_it(small_lenses: Path) -
 
 def test_eval_lens_scores_the_head_on_images_nobody_trained_on(small_lenses: Path) -> None:
     from detectors.lens_eval import HeadScorer, LensEvalError, run_lens_eval
+    from detectors.lens_head import embed as embed_images
+    from detectors.lensfinder import DEFAULT_ENCODER_CHECKPOINT as DEFAULT_CHECKPOINT
     from detectors.lensfinder import LensFinder
     from encoder import checkpoint
-    from encoder.evaluate import DEFAULT_CHECKPOINT, embed_images
 
     finder = LensFinder.load()
     model, card = checkpoint.load_model(DEFAULT_CHECKPOINT)
