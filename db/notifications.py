@@ -15,10 +15,11 @@ above the search's threshold. Three rules shape the SQL here:
 - **a webhook call is claimed before it is made**: :func:`claim_webhook` moves one due
   ``pending`` row to ``sending`` (counting the attempt) with ``FOR UPDATE SKIP LOCKED`` and
   commits before the call, so two watchers never post one notification, and a watcher that dies
-  during the call leaves it ``sending``: it is never posted again. The claimer also holds a
-  PostgreSQL session advisory lock on the row until it has recorded the outcome; a lock that can
-  be taken on a ``sending`` row therefore means its claimer is gone, and
-  :func:`sweep_interrupted` marks it ``failed`` (the call may have arrived; it is not repeated).
+  during the call leaves it ``sending``. The claimer also holds a PostgreSQL session advisory
+  lock on the row until it has recorded the outcome; a lock that can be taken on a ``sending``
+  row therefore means its claimer is gone, and :func:`sweep_interrupted` gives the row back
+  (``pending``): the call may have arrived, so it is made again as the next attempt of the same
+  notification id (at least once, like the alert outbox; the receiver drops the repeat).
 
 ``search_notifications`` has no next-attempt column: a failed call is due again on a schedule
 anchored at the notification's ``created_at`` (``schedule[attempts]`` seconds after it: the
@@ -293,12 +294,15 @@ def release_webhook(conn: Connection, claim: WebhookClaim) -> None:
 
 
 def sweep_interrupted(conn: Connection) -> list[int]:
-    """Mark ``failed`` the ``sending`` notifications whose watcher is gone; returns their ids.
+    """Give back the ``sending`` notifications whose watcher is gone; returns their ids.
 
     A claimer holds its row's advisory lock until it has recorded the outcome, and PostgreSQL
     drops the lock with the claimer's connection; a lock this call can take therefore belongs to
-    a watcher that died during the call. Such a call is not repeated (it may have arrived).
-    ``conn`` must hold no webhook lock itself (advisory locks are re-entrant per session).
+    a watcher that died during the call. The call may or may not have arrived, so it is made
+    again (``pending``, due by its attempt's schedule): delivery is at least once, like the alert
+    outbox's, and the repeat carries the same ``X-Galsift-Notification`` id with the next
+    ``X-Galsift-Attempt``, so the receiver can drop it. ``conn`` must hold no webhook lock itself
+    (advisory locks are re-entrant per session).
     """
     swept: list[int] = []
     with conn.begin():
@@ -314,14 +318,14 @@ def sweep_interrupted(conn: Connection) -> list[int]:
             with conn.begin():
                 done = conn.execute(
                     text(
-                        "UPDATE search_notifications SET webhook_state = 'failed', webhook_error = :err "
+                        "UPDATE search_notifications SET webhook_state = 'pending', webhook_error = :err "
                         "WHERE id = :id AND webhook_state = 'sending' AND webhook_attempts = :a RETURNING id"
                     ),
                     {
                         "id": nid,
                         "a": attempts,
                         "err": f"interrupted: the watcher stopped during attempt {attempts}; "
-                        "not posted again (the call may have arrived)",
+                        "posted again (the call may have arrived)",
                     },
                 ).first()
             if done is not None:

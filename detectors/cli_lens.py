@@ -7,7 +7,6 @@ Heavy modules (torch, torchvision, GalSim, lenstronomy) are imported inside the 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -250,12 +249,6 @@ def _add_train_head(groups: CommandGroups) -> None:
     p.set_defaults(func=_cmd_train_head)
 
 
-def _embed(model: Any, images: Any, device: str) -> Any:
-    from detectors.lens_head import embed
-
-    return embed(model, images, device=device)
-
-
 def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
     from detectors.lens_data import NegativeSpec
     from detectors.lens_head import LensHeadError, fit_lens_head, load_labelled
@@ -282,7 +275,7 @@ def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
                 pos, neg, size=finder.image_size, fraction=args.fraction, cache_dir=cache
             ).images
         head = fit_lens_head(
-            _embed(model, labelled.images, device),
+            model.embed_array(labelled.images),
             finder.scores(finder_images),
             labelled.labels,
             encoder_version=str(card["version"]),
@@ -362,7 +355,7 @@ def _head_scorers(args: argparse.Namespace, finders: list[Any], device: str) -> 
         head = LensHead.load(path, encoder_version=str(card["version"]))
         if head.detector_version not in {f.version for f in finders}:
             raise LensHeadError(f"{path} reads lens finder {head.detector_version}: pass it with --model")
-        scorers.append(HeadScorer(head, functools.partial(_embed, model, device=device), int(model.img_size)))
+        scorers.append(HeadScorer(head, model.embed_array, int(model.img_size)))
     return scorers
 
 

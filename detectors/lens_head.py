@@ -261,18 +261,6 @@ def trained_files(card: dict[str, Any], folder_name: str) -> set[str]:
     }
 
 
-def embed(model: Any, images: np.ndarray, *, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
-    """The stored embedding (``LVM.embed``) of (N, 3, S, S) model input, as (N, D) ``float32``."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-            out.append(model.embed(x).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 @dataclass
 class LabelledImages:
     """Real images with lens labels, and what was taken from where (for the card)."""

@@ -66,15 +66,7 @@ def load_model(checkpoint: Path, *, device: str = "cpu") -> LVM:
 
 def embed_inputs(model: LVM, images: np.ndarray, *, device: str = "cpu", batch: int = 64) -> np.ndarray:
     """Embed (N, 3, S, S) model input with :meth:`LVM.embed` -> ``float32`` (N, 256), unit norm."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch])).to(device)
-            out.append(model.embed(x).float().cpu().numpy())
-    dim = int(getattr(model.config, "embedding_dim", 256))
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, dim), np.float32)
+    return model.to(device).embed_array(images, batch_size=batch)
 
 
 def embed_file(path: Path, *, checkpoint: Path, device: str = "cpu") -> np.ndarray:

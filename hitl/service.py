@@ -21,8 +21,9 @@ Webhooks are posted by a :class:`WebhookSender` thread beside the consumer loop,
 loop itself, so a slow or failing webhook holds up no tile: it is woken when new notifications
 with a webhook were stored, and polls for retries. Each call is claimed in the database before it
 is made (``FOR UPDATE SKIP LOCKED``; see :mod:`db.notifications`): two watchers never post one
-notification, a replay never re-posts it, and one interrupted by a crash is marked ``failed``,
-never posted twice. A failed call is retried with exponential back-off up to
+notification, a replay never re-posts it, and one interrupted by a crash is posted again (at
+least once, like the alert outbox; the repeat has the same ``X-Galsift-Notification`` id and the
+next ``X-Galsift-Attempt``, so a receiver can drop it). A failed call is retried with exponential back-off up to
 ``webhook_max_attempts``; an answer no retry can change (4xx other than 408/425/429) fails at once.
 """
 
@@ -324,7 +325,7 @@ class WebhookSender:
     backoff_base_s, backoff_cap_s
         Wait after the first failed attempt, doubled per attempt up to the cap.
     sweep_s
-        How often ``sending`` rows of watchers that died during a call are marked ``failed``.
+        How often ``sending`` rows of watchers that died during a call are given back (posted again).
     post
         How a body is posted (:func:`galsift.webhooks.post_json`).
     """
@@ -384,7 +385,7 @@ class WebhookSender:
             report.swept = len(swept)
             if swept:
                 log.warning(
-                    "watch: %d webhook call(s) interrupted by a stopped watcher marked failed (not re-posted): %s",
+                    "watch: %d webhook call(s) interrupted by a stopped watcher, to be posted again: %s",
                     len(swept),
                     ", ".join(map(str, swept)),
                 )

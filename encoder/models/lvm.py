@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
@@ -416,6 +417,22 @@ class LVM(nn.Module):
         and colour, which a pooled transformer feature tends to discard, stay in the vector.
         """
         return self.embed_from(self.encode(x, mask), x)
+
+    @torch.inference_mode()
+    def embed_array(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+        """:meth:`embed` of (N, 3, S, S) model input in batches, on the model's device.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` (N, ``embedding_dim``).
+        """
+        device = next(self.parameters()).device
+        out = [np.zeros((0, self.embedding_dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], np.float32))
+            out.append(self.embed(x.to(device)).float().cpu().numpy())
+        return np.concatenate(out)
 
     def pooled_from(self, feats: list[Tensor]) -> Tensor:
         """:meth:`pooled` from the raw stage outputs of :meth:`encode` (no second pass)."""

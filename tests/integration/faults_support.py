@@ -64,6 +64,7 @@ class Hook:
                             "delivery": self.headers.get("X-Galsift-Delivery"),
                             "alert": self.headers.get("X-Galsift-Alert"),
                             "notification": self.headers.get("X-Galsift-Notification"),
+                            "attempt": self.headers.get("X-Galsift-Attempt"),
                             "body": json.loads(body or b"{}"),
                         }
                     )
@@ -84,6 +85,14 @@ class Hook:
         """Calls per value of ``header`` (``delivery`` or ``notification``)."""
         with self._lock:
             return Counter(str(c[header]) for c in self.calls if c[header] is not None)
+
+    def attempt_repeats(self) -> Counter[str]:
+        """Saved-search notifications whose one attempt (id and ``X-Galsift-Attempt``) was posted
+        more than once: what two senders or a replay would do. A new attempt of an interrupted
+        call (the same id, the next attempt number) is at-least-once delivery, not a repeat."""
+        with self._lock:
+            per_attempt = Counter((c["notification"], c["attempt"]) for c in self.calls if c["notification"])
+        return Counter(str(n) for (n, _), k in per_attempt.items() if k > 1)
 
     def close(self) -> None:
         """Stop serving."""

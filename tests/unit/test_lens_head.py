@@ -91,7 +91,6 @@ def test_labelled_images_take_the_hash_share_and_record_it(small_lenses: Path) -
 
 def test_eval_lens_scores_the_head_on_images_nobody_trained_on(small_lenses: Path) -> None:
     from detectors.lens_eval import HeadScorer, LensEvalError, run_lens_eval
-    from detectors.lens_head import embed as embed_images
     from detectors.lensfinder import DEFAULT_ENCODER_CHECKPOINT as DEFAULT_CHECKPOINT
     from detectors.lensfinder import LensFinder
     from encoder import checkpoint
@@ -101,14 +100,14 @@ def test_eval_lens_scores_the_head_on_images_nobody_trained_on(small_lenses: Pat
     pos, neg = [NegativeSpec.parse(f"{small_lenses}:lens=1")], [NegativeSpec.parse(f"{small_lenses}:lens=0")]
     train = load_labelled(pos, neg, size=model.img_size, fraction=0.5)
     head = fit_lens_head(
-        embed_images(model.eval(), train.images),
+        model.eval().embed_array(train.images),
         finder.scores(train.images),
         train.labels,
         encoder_version=card["version"],
         detector_version=finder.version,
         data=train.data,
     )
-    scorer = HeadScorer(head, lambda x: embed_images(model, x), model.img_size)
+    scorer = HeadScorer(head, model.embed_array, model.img_size)
     run = run_lens_eval(
         small_lenses, [finder], score_col="lens", positive_min=1, negative_max=0, heads=[scorer]
     )
