@@ -138,13 +138,12 @@ def run_lens_eval(
     """
     from tqdm import tqdm
 
+    from detectors import lens_head
     from encoder.data import read_folder
 
     if positive_min <= negative_max:
         raise LensEvalError(f"--positive-min {positive_min} must exceed --negative-max {negative_max}")
     folder = Path(data)
-    from detectors import lens_head
-
     by_version = {f.version: f for f in finders}
     for h in heads:
         if h.head.detector_version not in by_version:
@@ -159,7 +158,7 @@ def run_lens_eval(
         excluded |= lens_head.trained_files(h.head.card, name)
     sets: dict[int, Any] = {}
 
-    def graded(size: int) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    def graded(size: int) -> tuple[Any, np.ndarray, np.ndarray, int]:
         if size not in sets:
             sets[size] = read_folder(folder, label=score_col, size=size, cache_dir=cache_dir)
         image_set = sets[size]
@@ -173,10 +172,10 @@ def run_lens_eval(
                 f"leaving out {int((~keep).sum())} trained-on images; need both"
             )
         left_out = int((~keep & ((grades >= positive_min) | (grades <= negative_max))).sum())
-        return image_set, positive, negative, np.asarray(left_out)
+        return image_set, positive, negative, left_out
 
     def row(
-        model: str, backbone: str, scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, n_out: Any
+        model: str, backbone: str, scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, n_out: int
     ) -> dict[str, Any]:
         use = positive | negative
         return {
@@ -185,7 +184,7 @@ def run_lens_eval(
             **binary_metrics(scores, positive[use].astype(int)),
             "n_positive": int(positive.sum()),
             "n_negative": int(negative.sum()),
-            "n_excluded": int(n_out),
+            "n_excluded": n_out,
         }
 
     rows: list[dict[str, Any]] = []
