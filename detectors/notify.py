@@ -11,8 +11,9 @@ than 408/425/429), the delivery is marked ``failed``. One log line per failed at
 target recovers.
 
 Delivery is at least once: a notifier killed between the call and the record gives the delivery
-back when its lease ends. Each call carries ``X-Galsift-Delivery`` and ``X-Galsift-Alert``
-headers, so a receiver that cares can drop the rare repeat.
+back when its lease ends. Each call carries ``X-Galsift-Delivery``, ``X-Galsift-Alert`` and
+``X-Galsift-Attempt`` headers, so a receiver that cares can drop the rare repeat (the same
+delivery id, a later attempt), as for the saved searches' webhooks.
 """
 
 from __future__ import annotations
@@ -150,7 +151,11 @@ class Notifier:
         return report
 
     def _deliver(self, claim: DeliveryClaim, report: NotifyReport, *, now: datetime | None) -> None:
-        headers = {"X-Galsift-Delivery": str(claim.id), "X-Galsift-Alert": str(claim.alert_id)}
+        headers = {
+            "X-Galsift-Delivery": str(claim.id),
+            "X-Galsift-Alert": str(claim.alert_id),
+            "X-Galsift-Attempt": str(claim.attempts),
+        }
         try:
             result = self.post(self.urls[claim.target], claim.payload, headers, self.timeout_s)
         except Exception as exc:  # a poster must not take the loop down with one delivery

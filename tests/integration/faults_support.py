@@ -86,12 +86,13 @@ class Hook:
         with self._lock:
             return Counter(str(c[header]) for c in self.calls if c[header] is not None)
 
-    def attempt_repeats(self) -> Counter[str]:
-        """Saved-search notifications whose one attempt (id and ``X-Galsift-Attempt``) was posted
-        more than once: what two senders or a replay would do. A new attempt of an interrupted
-        call (the same id, the next attempt number) is at-least-once delivery, not a repeat."""
+    def attempt_repeats(self, header: str) -> Counter[str]:
+        """Ids (``delivery`` or ``notification``) one of whose attempts (``X-Galsift-Attempt``)
+        was posted more than once: what two senders or a replay would do. A new attempt of an
+        interrupted call (the same id, the next attempt number) is at-least-once delivery, which
+        the receiver drops by id, not a repeat."""
         with self._lock:
-            per_attempt = Counter((c["notification"], c["attempt"]) for c in self.calls if c["notification"])
+            per_attempt = Counter((c[header], c["attempt"]) for c in self.calls if c[header] is not None)
         return Counter(str(n) for (n, _), k in per_attempt.items() if k > 1)
 
     def close(self) -> None:

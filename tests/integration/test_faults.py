@@ -398,7 +398,8 @@ class Pipeline:
         )
         alert_calls = self.hook.counts("delivery")
         note_calls = self.hook.counts("notification")
-        note_repeats = self.hook.attempt_repeats()
+        note_repeats = self.hook.attempt_repeats("notification")
+        alert_repeats = self.hook.attempt_repeats("delivery")
         threshold = self.settings.alert_threshold
         for tid in map(str, ids):
             phase = phase_of[tid]
@@ -435,7 +436,7 @@ class Pipeline:
                     calls = [alert_calls.get(str(d), 0) for d in delivery_ids if d is not None]
                     if any(c == 0 for c in calls):
                         missing.append("alert webhook call")
-                    if any(c > 1 for c in calls):
+                    if any(alert_repeats.get(str(d), 0) for d in delivery_ids if d is not None):
                         extra.append("alert webhook call")
             elif n_alert is not None:
                 extra.append("alert below the threshold")
