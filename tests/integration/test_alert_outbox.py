@@ -64,6 +64,7 @@ class Hook:
                             "body": json.loads(body),
                             "delivery": self.headers.get("X-Galsift-Delivery"),
                             "alert": self.headers.get("X-Galsift-Alert"),
+                            "attempt": self.headers.get("X-Galsift-Attempt"),
                             "content_type": self.headers.get("Content-Type"),
                             "status": status,
                         }
@@ -266,6 +267,10 @@ def test_a_delivery_fails_for_good_after_the_last_attempt(
     assert [(d["state"], d["attempts"], d["last_status"]) for d in rows] == [("failed", 2, 503)] * 2
     assert notifier.deliver_due(now=t0 + timedelta(hours=2)).claimed == 0
     assert len(hook.calls) == 4
+    # each call names its attempt, so a receiver can tell a retry of one delivery from a repeat
+    assert sorted((c["delivery"], c["attempt"]) for c in hook.calls) == sorted(
+        (str(d["id"]), str(k)) for d in rows for k in (1, 2)
+    )
 
 
 def test_two_notifiers_never_send_one_delivery_twice(
