@@ -137,7 +137,8 @@ def run(
             ckpt_every=steps + 1,
             half=True,
             progress=False,
-            **RECIPE,
+            # the pools in the pack were simulated with the pack's seed: train with the same one
+            **{**RECIPE, "seed": meta["seed"]},
         )
 
     t0 = time.perf_counter()
