@@ -6,9 +6,11 @@ database keeps the URI and the sha256 of the stored file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
+from collections.abc import Sequence
 from contextlib import suppress
 
 import fsspec
@@ -16,6 +18,9 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from galsift.messages import sha256
+
+#: anything the buffer protocol exposes as bytes
+Buffer = bytes | bytearray | memoryview
 
 
 class ObjectStore:
@@ -45,14 +50,16 @@ class ObjectStore:
 
         Writing the same array twice yields the same bytes and checksum, so replays are harmless.
         """
-        data, checksum = encode_array(pixels)
-        return self.put_bytes(key, data), checksum
+        parts, checksum = npy_parts(pixels)
+        return self.put_bytes(key, parts), checksum
 
-    def put_bytes(self, key: str, data: bytes | bytearray) -> str:
-        """Store ``data`` at ``key`` and return its URI; the file appears whole or not at all.
+    def put_bytes(self, key: str, data: Buffer | Sequence[Buffer]) -> str:
+        """Store ``data`` (one buffer, or parts written back to back) at ``key`` and return its URI.
 
-        A failed write (a full disk, say) leaves no temporary file behind.
+        The file appears whole or not at all: a failed write (a full disk, say) leaves no
+        temporary file behind.
         """
+        parts: Sequence[Buffer] = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         path = f"{self.root}/{key}"
         parent = path.rsplit("/", 1)[0]
         if parent not in self._made:
@@ -63,11 +70,12 @@ class ObjectStore:
         tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
         try:
             if self._local:
-                _write_local(tmp, data)
+                _write_local(tmp, parts)
                 os.replace(tmp, path)
             else:
                 with self.fs.open(tmp, "wb") as fh:
-                    fh.write(data)
+                    for part in parts:
+                        fh.write(part)
                 self.fs.mv(tmp, path)
         except BaseException:
             with suppress(Exception):
@@ -79,30 +87,43 @@ class ObjectStore:
         return self.uri(key)
 
 
-def _write_local(path: str, data: bytes | bytearray) -> None:
+def _write_local(path: str, parts: Sequence[Buffer]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            written = os.writev(fd, views)
+            # a short write (signals, a nearly full disk) resumes where it stopped
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views:
+                views[0] = views[0][written:]
     finally:
         os.close(fd)
 
 
-def encode_array(pixels: np.ndarray) -> tuple[bytearray, str]:
-    """The ``.npy`` bytes of ``pixels`` and their sha256 (the checksum the database keeps).
+def npy_parts(pixels: np.ndarray) -> tuple[tuple[bytes, memoryview], str]:
+    """The ``.npy`` file of ``pixels`` as (header, pixel view), and the file's sha256.
 
-    The bytes are what :func:`numpy.save` writes, built with one copy of the pixels instead of
-    ``np.save``'s three (``tobytes``, the buffer, ``getvalue``).
+    Nothing is copied: the header is a few dozen bytes and the pixels are written and hashed
+    where they lie. At ingest rates a copy of each tile (a fresh 0.2-0.8 MB buffer, page faults
+    included) costs more than writing it.
     """
     arr = np.ascontiguousarray(pixels)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
     head = header.getvalue()
-    data = bytearray(len(head) + arr.nbytes)
-    data[: len(head)] = head
-    data[len(head) :] = arr.reshape(-1).view(np.uint8).data
-    return data, sha256(data)
+    body = arr.reshape(-1).view(np.uint8).data
+    digest = hashlib.sha256(head)
+    digest.update(body)
+    return (head, body), digest.hexdigest()
+
+
+def encode_array(pixels: np.ndarray) -> tuple[bytes, str]:
+    """The ``.npy`` bytes of ``pixels`` (what :func:`numpy.save` writes) and their sha256."""
+    (head, body), checksum = npy_parts(pixels)
+    return head + body.tobytes(), checksum
 
 
 def read_array(uri: str, *, checksum: str | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from db.models import TileCreate
 from db.repo import DbRecorder, upsert_tiles
 from galsift import messages
 from galsift.constants import HEALPIX_ORDER
-from galsift.objectstore import ObjectStore, encode_array
+from galsift.objectstore import Buffer, ObjectStore, npy_parts
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Stage
 from ingest.validate import validate_tile
@@ -131,7 +131,9 @@ class IngestStage(Stage[PreparedTile]):
             self._writers.shutdown(wait=True)
             self._writers = None
 
-    def _put_all(self, tiles: Sequence[PreparedTile], encoded: Sequence[tuple[bytearray, str]]) -> None:
+    def _put_all(
+        self, tiles: Sequence[PreparedTile], encoded: Sequence[tuple[Sequence[Buffer], str]]
+    ) -> None:
         for tile, (data, _) in zip(tiles, encoded, strict=True):
             self.store.put_bytes(tile.object_key, data)
 
@@ -171,7 +173,7 @@ class IngestStage(Stage[PreparedTile]):
         # rows need the checksums, the files are written while the rows are upserted, and both
         # are done before anything is published or committed
         chunks = [tiles[i::STORE_THREADS] for i in range(STORE_THREADS)]
-        encoded_chunks = list(pool.map(lambda chunk: [encode_array(t.pixels) for t in chunk], chunks))
+        encoded_chunks = list(pool.map(lambda chunk: [npy_parts(t.pixels) for t in chunk], chunks))
         writes = [pool.submit(self._put_all, c, e) for c, e in zip(chunks, encoded_chunks, strict=True)]
         checksum_of = {
             t.tile_id: checksum

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from galsift.messages import sha256
-from galsift.objectstore import ObjectStore, encode_array, read_array
+from galsift.objectstore import ObjectStore, encode_array, npy_parts, read_array
 
 
 @pytest.mark.parametrize(
@@ -27,8 +27,35 @@ def test_encode_array_writes_what_np_save_writes(pixels: np.ndarray) -> None:
     saved = io.BytesIO()
     np.save(saved, np.ascontiguousarray(pixels), allow_pickle=False)
     data, checksum = encode_array(pixels)
-    assert bytes(data) == saved.getvalue()
+    assert data == saved.getvalue()
     assert checksum == sha256(saved.getvalue())
+    # the zero-copy parts ingest writes are the same file
+    (head, body), parts_checksum = npy_parts(pixels)
+    assert head + body.tobytes() == saved.getvalue()
+    assert parts_checksum == checksum
+
+
+def test_short_writes_resume_where_they_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ObjectStore(f"file://{tmp_path}")
+    real_writev = os.writev
+
+    calls = []
+
+    def a_few_bytes_at_a_time(fd: int, buffers: list[memoryview]) -> int:
+        # what a signal or a nearly full disk can do: write only a prefix (here 100 bytes, so
+        # that one call ends inside the header and another spans the header and the pixels)
+        budget, prefix = 100, []
+        for b in buffers:
+            prefix.append(b[:budget])
+            budget -= len(prefix[-1])
+        calls.append(len(buffers))
+        return real_writev(fd, prefix)
+
+    monkeypatch.setattr("galsift.objectstore.os.writev", a_few_bytes_at_a_time)
+    pixels = np.random.default_rng(3).normal(size=(3, 20, 20)).astype(np.float32)
+    uri, checksum = store.put_array("tiles/s/short.npy", pixels)
+    assert np.array_equal(read_array(uri, checksum=checksum), pixels)
+    assert len(calls) > 10 and calls[0] == 2
 
 
 def test_put_and_read_round_trip_with_checksum(tmp_path: Path) -> None:
@@ -47,14 +74,14 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = ObjectStore(f"file://{tmp_path}")
-    real_write = os.write
+    real_writev = os.writev
 
-    def full_after_a_bit(fd: int, data: memoryview) -> int:
-        if len(data) < 100:
+    def full_after_a_bit(fd: int, buffers: list[memoryview]) -> int:
+        if sum(len(b) for b in buffers) < 100:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data[:64])
+        return real_writev(fd, [buffers[0][:64]])
 
-    monkeypatch.setattr("galsift.objectstore.os.write", full_after_a_bit)
+    monkeypatch.setattr("galsift.objectstore.os.writev", full_after_a_bit)
     with pytest.raises(OSError) as err:
         store.put_bytes("tiles/s/b.npy", b"x" * 1000)
     assert err.value.errno == errno.ENOSPC
