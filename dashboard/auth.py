@@ -1,19 +1,30 @@
-"""Who is using the dashboard: a password gate (when configured) and the user name.
+"""Who is using the dashboard: an OpenID Connect login or a password gate (when configured).
 
-When ``settings.dashboard_password`` is set, every page asks for it (with a user name) before it
-renders anything: ``app.py`` calls :func:`gate` before ``st.navigation`` runs a page, so no page
-can be reached around it. The user name typed at login scopes HITL sessions, labels, saved
-searches and notifications: each user sees their own. Without a password the name is still asked
-for (in the sidebar), since HITL labels need an owner; anyone may then type any name, which is
-what an unprotected dashboard on a trusted network means.
+``app.py`` calls :func:`gate` before ``st.navigation`` runs a page, so no page can be reached
+around it. The user name scopes HITL sessions, labels, saved searches, alert filters and
+notifications: each user sees their own.
 
-The password is compared in constant time and never stored in the session, logged or echoed.
+- **OpenID Connect** (``settings.dashboard_oidc_url``): Streamlit's own ``st.login`` sends the
+  browser to the provider and keeps the provider's signed identity in a signed cookie; the user
+  is the ID token's ``settings.dashboard_oidc_user_claim`` (``email`` by default, refused when
+  the provider says the address is unverified). Nobody can choose another user's name.
+  ``galsift dashboard`` hands the client credentials to Streamlit in a private secrets file
+  (:func:`streamlit_secrets`).
+- **Password** (``settings.dashboard_password``): every page asks for it with a user name. The
+  password is compared in constant time and never stored in the session, logged or echoed;
+  whoever knows it may type any name, so a shared password separates users only by agreement.
+- **Neither**: the name is still asked for (in the sidebar), since HITL labels need an owner;
+  anyone may type any name, which is what an unprotected dashboard on a trusted network means.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
 
 import streamlit as st
 
@@ -53,6 +64,8 @@ def gate(settings: Settings) -> str | None:
         The user name. Without a password it may be None (the sidebar field is empty); pages that
         write (HITL, labels from alerts) ask for it themselves.
     """
+    if settings.dashboard_oidc_url is not None:
+        return _oidc_gate(settings)
     if settings.dashboard_password is None:
         with st.sidebar:
             name = st.text_input(
@@ -80,6 +93,84 @@ def gate(settings: Settings) -> str | None:
     _login_form(settings)
     st.stop()
     return None  # not reached: st.stop() ends the run
+
+
+def oidc_user(claims: Mapping[str, Any], claim: str) -> str | None:
+    """The user name an ID token's ``claims`` give, or None when they give no usable one.
+
+    Parameters
+    ----------
+    claims
+        The provider's identity claims (``st.user``).
+    claim
+        Which claim names the user (``email``, ``preferred_username``, ``sub``, ...).
+    """
+    value = claims.get(claim)
+    if not isinstance(value, str) or not valid_user(value):
+        return None
+    # an address the provider has not verified is anyone's to type
+    if claim == "email" and claims.get("email_verified") is False:
+        return None
+    return value
+
+
+def _oidc_gate(settings: Settings) -> str:
+    claim = settings.dashboard_oidc_user_claim
+    if not st.user.is_logged_in:
+        st.session_state.pop(USER_KEY, None)
+        st.title("galsift")
+        st.write("This dashboard is protected. Sign in with your organisation's account to continue.")
+        if st.button("Sign in", key="galsift_oidc_login", type="primary"):
+            st.login()
+        st.stop()
+    user = oidc_user(st.user.to_dict(), claim)
+    if user is None:
+        st.session_state.pop(USER_KEY, None)
+        st.error(
+            f"Your account's `{claim}` is missing, unverified or not a usable user name "
+            "(letters, digits and _.@- only, at most 64): ask the operator to map another claim."
+        )
+        if st.button("Sign out", key="galsift_sign_out"):
+            st.logout()
+        st.stop()
+    st.session_state[USER_KEY] = user
+    with st.sidebar:
+        st.caption(f"signed in as **{user}**")
+        if st.button("Sign out", key="galsift_sign_out"):
+            st.session_state.pop(USER_KEY, None)
+            st.logout()
+    return str(user)
+
+
+def streamlit_secrets(settings: Settings, *, port: int) -> str:
+    """The ``secrets.toml`` text that configures Streamlit's OIDC login from ``settings``.
+
+    Parameters
+    ----------
+    settings
+        Settings with ``dashboard_oidc_url`` and the client credentials.
+    port
+        The port the dashboard serves on (for the default redirect address).
+
+    Returns
+    -------
+    str
+        An ``[auth]`` section: redirect URI, cookie secret (random when none is configured),
+        client id and secret, the provider's discovery URL.
+    """
+    if settings.dashboard_oidc_url is None or settings.dashboard_oidc_client_secret is None:
+        raise ValueError("no OpenID Connect provider is configured (dashboard_oidc_url)")
+    base = settings.dashboard_public_url or f"http://localhost:{port}"
+    cookie = settings.dashboard_cookie_secret
+    values = {
+        "redirect_uri": f"{base}/oauth2callback",
+        "cookie_secret": cookie.get_secret_value() if cookie is not None else secrets.token_urlsafe(32),
+        "client_id": settings.dashboard_oidc_client_id,
+        "client_secret": settings.dashboard_oidc_client_secret.get_secret_value(),
+        "server_metadata_url": settings.dashboard_oidc_metadata_url,
+    }
+    # JSON string literals are valid TOML basic strings (same quoting and escapes)
+    return "[auth]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
 
 def _login_form(settings: Settings) -> None:

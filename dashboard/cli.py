@@ -10,6 +10,7 @@ itself. The app reads the same settings from the environment (``GALSIFT_*``) and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +32,8 @@ def register(groups: CommandGroups) -> None:
         "dashboard",
         help="the Streamlit dashboard: search, HITL loop, alerts, SQL, operations",
         description="Run the dashboard (headless Streamlit) on settings.dashboard_port; "
-        "GALSIFT_DASHBOARD_PASSWORD protects every page.",
+        "GALSIFT_DASHBOARD_OIDC_URL (an OpenID Connect login) or GALSIFT_DASHBOARD_PASSWORD "
+        "protects every page.",
     )
     p.add_argument("--port", type=int, help="port (default: settings.dashboard_port)")
     p.add_argument("--address", default=None, help="address to bind (default: Streamlit's, all interfaces)")
@@ -77,12 +79,35 @@ def streamlit_command(
     return argv
 
 
+def write_secrets(settings: Settings, *, port: int) -> Path:
+    """Write Streamlit's OIDC secrets for this start to a file only this user can read.
+
+    Returns
+    -------
+    Path
+        ``<data_dir>/dashboard/secrets.toml``, for Streamlit's ``secrets.files`` option.
+    """
+    from dashboard.auth import streamlit_secrets
+
+    folder = settings.data_dir / "dashboard"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "secrets.toml"
+    # created private (not chmod-ed after the secret is in it)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(streamlit_secrets(settings, port=port))
+    path.chmod(0o600)
+    return path
+
+
 def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
     from streamlit.web import cli as streamlit_cli
 
     from dashboard import data
 
     argv = streamlit_command(settings, port=args.port, address=args.address)
+    if settings.dashboard_oidc_url is not None:
+        argv += ["--secrets.files", str(write_secrets(settings, port=args.port or settings.dashboard_port))]
     took = data.warm_up()
     print(
         f"galsift dashboard on port {args.port or settings.dashboard_port} "

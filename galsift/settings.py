@@ -122,6 +122,20 @@ class Settings(BaseSettings):
     dashboard_port: int = Field(default=8501, ge=1, le=65535)
     #: when set, every dashboard page asks for this password first (a secret: never logged)
     dashboard_password: SecretStr | None = None
+    #: OpenID Connect sign-in (Streamlit's ``st.login``): the provider's issuer URL or its
+    #: ``.well-known/openid-configuration`` URL. When set, every page requires a login and the
+    #: user is who the provider says (``dashboard_oidc_user_claim``); excludes the password
+    dashboard_oidc_url: str | None = None
+    #: client id and secret that the provider issued to this dashboard
+    dashboard_oidc_client_id: str | None = None
+    dashboard_oidc_client_secret: SecretStr | None = None
+    #: the ID-token claim that names the user (owner of sessions, labels, filters)
+    dashboard_oidc_user_claim: str = "email"
+    #: the dashboard's address as the browser sees it; the provider redirects to
+    #: ``<url>/oauth2callback``. Unset: ``http://localhost:<dashboard_port>``
+    dashboard_public_url: str | None = None
+    #: signs the login cookie; unset: a random one per start (logins end at a restart)
+    dashboard_cookie_secret: SecretStr | None = None
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -146,6 +160,33 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgresql+psycopg://")):
             raise ValueError("database_url must be a postgresql:// URL (pgvector is required)")
         return value
+
+    @field_validator("dashboard_oidc_url", "dashboard_public_url")
+    @classmethod
+    def _web_urls(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _one_dashboard_login(self) -> Settings:
+        if self.dashboard_oidc_url is None:
+            return self
+        if not self.dashboard_oidc_client_id or self.dashboard_oidc_client_secret is None:
+            raise ValueError(
+                "dashboard_oidc_url needs dashboard_oidc_client_id and dashboard_oidc_client_secret"
+            )
+        if self.dashboard_password is not None:
+            raise ValueError("set either dashboard_password or dashboard_oidc_url, not both")
+        return self
+
+    @property
+    def dashboard_oidc_metadata_url(self) -> str | None:
+        """The provider's discovery document (``<issuer>/.well-known/openid-configuration``)."""
+        url = self.dashboard_oidc_url
+        if url is None or url.endswith("/.well-known/openid-configuration"):
+            return url
+        return f"{url}/.well-known/openid-configuration"
 
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:

@@ -5,11 +5,8 @@ embedded by the real stages, a few of them get lens alerts (rows as the detector
 them; the detector itself is tested elsewhere), and ``galsift dashboard`` is started as a
 subprocess with the stack's settings. The browser signs in by name, starts a HITL session, marks
 two rounds of candidates and submits them; the labels must then be in ``hitl_labels``. A
-screenshot of every page goes to ``docs/screenshots/`` (the README shows them).
-
-Readiness is always polled (Streamlit's ``/_stcore/health``, elements with ``WebDriverWait``),
-never slept for. Chromium and chromedriver come from Debian (``deploy/bootstrap.sh``); nothing is
-downloaded: Selenium is given both paths, so its driver manager never runs.
+screenshot of every page goes to ``docs/screenshots/`` (the README shows them). The browser
+and the server come from ``browser_support``.
 """
 
 from __future__ import annotations
@@ -17,17 +14,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browser_support import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    ROOT,
+    WAIT_S,
+    chromium,
+    click,
+    idle,
+    running_dashboard,
+    type_into,
+    wait,
+)
 from ingest_support import StageRunner, isolated_settings, wait_for
 from sqlalchemy import Engine, text
 
@@ -35,19 +42,8 @@ from galsift.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DEMO = ROOT / "ingest" / "demo_tiles"
-#: Streamlit reruns on 2 busy cores: generous, since every wait is a poll that returns at once
-WAIT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -103,126 +99,27 @@ def demo(stack_settings: Settings, engine: Engine) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def dashboard_url(demo: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``galsift dashboard`` on a free port, ready (health endpoint answers)."""
-    from deploy.cli import service_command, service_env
-
-    settings: Settings = demo["settings"]
-    port = _free_port()
-    env = service_env(settings)
-    env.pop("GALSIFT_DASHBOARD_PASSWORD", None)
-    log = tmp_path_factory.mktemp("dashboard") / "dashboard.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            service_command(["dashboard", "--port", str(port), "--address", "127.0.0.1"]),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dashboard did not come up: {log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
+    with running_dashboard(demo["settings"], tmp_path_factory.mktemp("dashboard") / "dashboard.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium from Debian through its chromedriver."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail("Chromium and chromedriver are missing: run deploy/bootstrap.sh (Debian packages)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1600,1300",
-    ):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(WAIT_S)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-def _wait(driver: Any, selector: str, *, clickable: bool = False, by: str | None = None) -> Any:
-    """The element ``selector`` (CSS unless ``by`` says otherwise) once present (or clickable)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    cond = ec.element_to_be_clickable if clickable else ec.presence_of_element_located
-    return WebDriverWait(driver, WAIT_S).until(cond((by or By.CSS_SELECTOR, selector)))
-
-
-def _idle(driver: Any) -> None:
-    """Wait until Streamlit finished the current script run (its status widget is gone)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, WAIT_S).until(
-        lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
-    )
-
-
-def _type(driver: Any, key: str, value: str, *, enter: bool = True) -> None:
-    """Type into the keyed widget's input; retried while a rerun re-renders it under the cursor."""
-    from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
-    from selenium.webdriver.common.keys import Keys
-
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        _idle(driver)
-        try:
-            field = _wait(driver, f".st-key-{key} input", clickable=True)
-            field.send_keys(Keys.CONTROL, "a")
-            field.send_keys(value + (Keys.ENTER if enter else ""))
-            return
-        except (ElementNotInteractableException, StaleElementReferenceException):
-            if time.monotonic() > deadline:
-                raise
-
-
-def _click(driver: Any, key: str) -> None:
-    _wait(driver, f".st-key-{key} button", clickable=True).click()
 
 
 def _shot(driver: Any, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    _idle(driver)
+    idle(driver)
     # the whole page, not just the viewport: Chromium renders the document's full height
     height = driver.execute_script(
         "const m = document.querySelector('[data-testid=\"stMainBlockContainer\"]') || document.body;"
         " return m.scrollHeight"
     )
     driver.set_window_size(1600, max(1000, min(int(height) + 200, 4000)))
-    _idle(driver)
+    idle(driver)
     driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
     driver.set_window_size(1600, 1300)
 
@@ -270,32 +167,32 @@ def _drive(dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engin
     user = f"eve{uuid.uuid4().hex[:4]}"
     driver = browser
     driver.get(f"{dashboard_url}/hitl")
-    _type(driver, "galsift_user_field", user)
-    _idle(driver)
+    type_into(driver, "galsift_user_field", user)
+    idle(driver)
     # the new-session form: the demo tiles' model version, no seeds (the first page is the most unusual)
-    _wait(driver, ".st-key-hitl_concept input")
-    _type(driver, "hitl_concept", "spiral", enter=False)
-    _type(driver, "hitl_version", demo["version"])
-    _click(driver, "hitl_start")
+    wait(driver, ".st-key-hitl_concept input")
+    type_into(driver, "hitl_concept", "spiral", enter=False)
+    type_into(driver, "hitl_version", demo["version"])
+    click(driver, "hitl_start")
     sid = _wait_db(
         lambda: _scalar(engine, "SELECT id FROM hitl_sessions WHERE owner = :u", u=user), "the session row"
     )
     for rnd in (1, 2):
-        _wait(driver, f".st-key-hitl_next_{sid}_{rnd} button")
-        _idle(driver)
+        wait(driver, f".st-key-hitl_next_{sid}_{rnd} button")
+        idle(driver)
         shown = _shown(engine, sid, rnd)
         assert len(shown) == 12
         good = {rank for rank, _ in shown[:2]}  # the first two candidates of each page are "good"
         for rank in sorted(good):
-            _wait(
+            wait(
                 driver,
                 f"//div[contains(concat(' ', @class, ' '), ' st-key-hitl_v_{sid}_{rnd}_{rank} ')]"
                 "//label[@data-testid='stRadioOption'][.//p[normalize-space(.)='good']]",
                 clickable=True,
                 by=By.XPATH,
             ).click()
-        _click(driver, f"hitl_next_{sid}_{rnd}")
-        _wait(driver, f".st-key-hitl_next_{sid}_{rnd + 1} button")
+        click(driver, f"hitl_next_{sid}_{rnd}")
+        wait(driver, f".st-key-hitl_next_{sid}_{rnd + 1} button")
         with engine.connect() as c:
             labels = {
                 r[0]: bool(r[1])
@@ -313,49 +210,49 @@ def _drive(dashboard_url: str, browser: Any, demo: dict[str, Any], engine: Engin
 
     # screenshots of the other pages, each with something on it
     driver.get(f"{dashboard_url}/")  # Search is the default page, served at the root
-    _type(driver, "galsift_user_field", user)
-    _type(driver, "search_version", demo["version"])
-    _wait(driver, ".st-key-search_tile input")
-    _type(driver, "search_tile", f"{demo['survey']}:{_first_lens(engine, demo['survey'])}")
-    _wait(driver, ".st-key-search_export_csv")
+    type_into(driver, "galsift_user_field", user)
+    type_into(driver, "search_version", demo["version"])
+    wait(driver, ".st-key-search_tile input")
+    type_into(driver, "search_tile", f"{demo['survey']}:{_first_lens(engine, demo['survey'])}")
+    wait(driver, ".st-key-search_export_csv")
     _shot(driver, "search")
 
     driver.get(f"{dashboard_url}/alerts")
-    _type(driver, "galsift_user_field", user)
-    _wait(driver, '[data-testid="stImage"]')
+    type_into(driver, "galsift_user_field", user)
+    wait(driver, '[data-testid="stImage"]')
     _shot(driver, "alerts")
 
     # an alert filter added from its page is stored for this user, with its topic
     driver.get(f"{dashboard_url}/filters")
-    _type(driver, "galsift_user_field", user)
-    _type(driver, "filter_name", f"bright-{user}".lower(), enter=False)
-    area = _wait(driver, ".st-key-filter_clause textarea", clickable=True)
+    type_into(driver, "galsift_user_field", user)
+    type_into(driver, "filter_name", f"bright-{user}".lower(), enter=False)
+    area = wait(driver, ".st-key-filter_clause textarea", clickable=True)
     area.send_keys("lens_score > 0.5")
-    _click(driver, "filter_add")
+    click(driver, "filter_add")
     stored = _wait_db(
         lambda: _scalar(engine, "SELECT clause FROM alert_filters WHERE owner = :u", u=user),
         "the filter stored",
     )
     assert stored == "lens_score > 0.5"
-    _wait(driver, '[data-testid="stDataFrame"]')
+    wait(driver, '[data-testid="stDataFrame"]')
     _shot(driver, "filters")
 
     driver.get(f"{dashboard_url}/sql")
-    _wait(driver, ".st-key-sql_query textarea")
+    wait(driver, ".st-key-sql_query textarea")
     area = driver.find_element(By.CSS_SELECTOR, ".st-key-sql_query textarea")
     area.send_keys(
         "SELECT survey, external_id, ra, dec, lens_score FROM galsift_api.tile_scores "
         f"WHERE survey = '{demo['survey']}'"
     )
-    _click(driver, "sql_run")
-    _wait(
+    click(driver, "sql_run")
+    wait(
         driver,
         '[data-testid="stVegaLiteChart"], [data-testid="stArrowVegaLiteChart"], [data-testid="stAlert"]',
     )
     _shot(driver, "sql")
 
     driver.get(f"{dashboard_url}/operations")
-    _wait(driver, '[data-testid="stMetric"]')
+    wait(driver, '[data-testid="stMetric"]')
     _shot(driver, "operations")
     for name in ("hitl", "search", "alerts", "filters", "sql", "operations"):
         assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000

@@ -113,3 +113,101 @@ def test_dashboard_warms_up_before_the_server_starts_even_without_a_database(tmp
     assert "warm True" in out
     assert "argv streamlit run " in out and "--server.port 8799" in out
     assert "no database connection yet" in done.stderr + out
+
+
+# -- OpenID Connect ---------------------------------------------------------------------------------
+def _oidc(**extra: object) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        dashboard_oidc_url="https://login.example.org/realms/survey/",
+        dashboard_oidc_client_id="galsift",
+        dashboard_oidc_client_secret=SecretStr("client-s3cret"),
+        **extra,
+    )
+
+
+@pytest.fixture
+def oidc_protected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GALSIFT_DASHBOARD_OIDC_URL", "https://login.example.org")
+    monkeypatch.setenv("GALSIFT_DASHBOARD_OIDC_CLIENT_ID", "galsift")
+    monkeypatch.setenv("GALSIFT_DASHBOARD_OIDC_CLIENT_SECRET", "client-s3cret")
+    monkeypatch.setenv("GALSIFT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("GALSIFT_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+@pytest.mark.usefixtures("oidc_protected")
+def test_with_oidc_no_page_and_no_name_field_before_sign_in() -> None:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.user = {"is_logged_in": False}
+    at.run()
+    assert not at.exception
+    assert _titles(at) == ["galsift"]
+    assert [b.key for b in at.button] == ["galsift_oidc_login"]
+    # no typed name, no password: the provider says who the user is
+    assert not at.text_input
+    assert auth.USER_KEY not in at.session_state
+
+
+@pytest.mark.usefixtures("oidc_protected")
+def test_with_oidc_an_unverified_address_opens_no_page() -> None:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.user = {"is_logged_in": True, "email": "mallory@example.org", "email_verified": False}
+    at.run()
+    assert not at.exception
+    assert at.error and "unverified" in at.error[0].value
+    assert [b.key for b in at.button] == ["galsift_sign_out"]
+    assert auth.USER_KEY not in at.session_state
+
+
+def test_the_user_is_the_verified_claim() -> None:
+    alice = {
+        "sub": "u-17",
+        "email": "alice@example.org",
+        "email_verified": True,
+        "preferred_username": "alice",
+    }
+    assert auth.oidc_user(alice, "email") == "alice@example.org"
+    assert auth.oidc_user(alice, "preferred_username") == "alice"
+    assert auth.oidc_user(alice, "sub") == "u-17"
+    # an unverified address is anyone's to type; a missing or unusable claim names nobody
+    assert auth.oidc_user({**alice, "email_verified": False}, "email") is None
+    assert auth.oidc_user(alice, "nickname") is None
+    assert auth.oidc_user({**alice, "email": "a b@example.org"}, "email") is None
+    assert auth.oidc_user({**alice, "sub": 17}, "sub") is None
+
+
+def test_oidc_settings_are_complete_and_exclusive() -> None:
+    s = _oidc()
+    assert (
+        s.dashboard_oidc_metadata_url
+        == "https://login.example.org/realms/survey/.well-known/openid-configuration"
+    )
+    with pytest.raises(ValueError, match="client_id and dashboard_oidc_client_secret"):
+        Settings(_env_file=None, dashboard_oidc_url="https://login.example.org")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="not both"):
+        _oidc(dashboard_password=SecretStr("pw"))
+    with pytest.raises(ValueError, match="not an http"):
+        _oidc(dashboard_public_url="login.example.org")
+
+
+def test_streamlit_gets_the_provider_in_a_private_secrets_file(tmp_path: Path) -> None:
+    import stat
+    import tomllib
+
+    s = _oidc(data_dir=tmp_path, dashboard_public_url="https://galsift.example.org/")
+    path = cli.write_secrets(s, port=8501)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    doc = tomllib.loads(path.read_text())["auth"]
+    assert doc["redirect_uri"] == "https://galsift.example.org/oauth2callback"
+    assert doc["client_id"] == "galsift" and doc["client_secret"] == "client-s3cret"
+    assert doc["server_metadata_url"].endswith("/realms/survey/.well-known/openid-configuration")
+    # without a configured cookie secret each start signs with a fresh random one
+    again = tomllib.loads(auth.streamlit_secrets(s, port=8501))["auth"]
+    assert len(doc["cookie_secret"]) >= 32 and again["cookie_secret"] != doc["cookie_secret"]
+    fixed = _oidc(dashboard_cookie_secret=SecretStr('k"e\\y' * 8))
+    assert tomllib.loads(auth.streamlit_secrets(fixed, port=9000))["auth"]["cookie_secret"] == 'k"e\\y' * 8
+    assert tomllib.loads(auth.streamlit_secrets(fixed, port=9000))["auth"]["redirect_uri"] == (
+        "http://localhost:9000/oauth2callback"
+    )
