@@ -59,7 +59,7 @@ from faults_support import (
     table,
     wait_until,
 )
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from galsift.settings import Settings
 
@@ -82,6 +82,11 @@ STORE_SIZE = "64m"
 DEADLINE_S = float(os.environ.get("FAULTS_DEADLINE_S", "420"))
 #: consumer group and input topic of each Kafka stage (the services' default groups)
 GROUPS = {"ingest": "ingest", "encode": "encoder", "detect": "detector", "watch": "watch"}
+#: the table each Kafka stage writes its batch to (first): the SIGKILL rows lock it to catch the
+#: stage in the middle of a write
+WRITES = {"ingest": "tiles", "encode": "embeddings", "detect": "detections", "watch": "search_notifications"}
+#: sessions waiting for a lock on table :t
+WAITING_ON_LOCK = "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = :t AND NOT l.granted"
 
 
 def _mount_tmpfs(path: Path, size: str) -> str | None:
@@ -232,39 +237,49 @@ class Pipeline:
     def sigkill(self, name: str) -> None:
         """SIGKILL one service in the middle of a burst, restart it at once, wait for its recovery.
 
-        A Kafka stage is killed once the burst has begun to come out of it (so the batch after is
-        in flight), and has recovered when it is healthy again and the whole burst came out; the
-        notifier is killed while burst alerts wait in its outbox, and has recovered when those are
-        delivered; any other service has recovered when it answers ``/healthz`` 200 again.
+        A Kafka stage is killed while it is writing a polled batch: the suite holds a lock on the
+        table the stage writes (``WRITES``; reads go on) from before the burst is published until
+        the stage's write waits for it, so the kill lands after the poll and before the batch is
+        durable, wherever the timing falls. It has recovered when it is healthy again and the
+        whole burst came out. The notifier is killed while burst alerts wait in its outbox, and
+        has recovered when those are delivered; any other service has recovered when it answers
+        ``/healthz`` 200 again.
         """
         phase = f"SIGKILL {name}"
         marks = self.begin(phase)
-        ids = self.stream.send(BURST)
-        tile_ids = [uuid.UUID(i) for i in ids]
         pending_sql = (
             "SELECT d.id FROM alert_deliveries d JOIN alerts a ON a.id = d.alert_id "
             "WHERE a.tile_id = ANY(:ids) AND d.state = 'pending'"
         )
-        if name in GROUPS:
+        with self.engine.connect() as hold:
+            if name in WRITES:
+                # SHARE ROW EXCLUSIVE: every INSERT/UPDATE on the table waits, SELECTs do not
+                hold.execute(text(f"LOCK TABLE {WRITES[name]} IN SHARE ROW EXCLUSIVE MODE"))
+            ids = self.stream.send(BURST)
+            tile_ids = [uuid.UUID(i) for i in ids]
+            if name in WRITES:
 
-            def started() -> bool:
-                return passed(self.engine, name, ids) > 0
+                def started() -> bool:
+                    return scalar(self.engine, WAITING_ON_LOCK, t=WRITES[name]) > 0
 
-        elif name == "notify":
+            elif name == "notify":
 
-            def started() -> bool:
-                return bool(rows(self.engine, pending_sql, ids=tile_ids)) or self.through(ids, ("detect",))
+                def started() -> bool:
+                    return bool(rows(self.engine, pending_sql, ids=tile_ids)) or self.through(
+                        ids, ("detect",)
+                    )
 
-        else:
+            else:
 
-            def started() -> bool:
-                return True
+                def started() -> bool:
+                    return True
 
-        wait_until(started, timeout_s=DEADLINE_S, what=f"the burst reaching {name}", interval_s=0.02)
-        pending = [int(r[0]) for r in rows(self.engine, pending_sql, ids=tile_ids)]
-        in_flight = len(pending) if name == "notify" else self.lag(name)
-        t0 = time.monotonic()
-        self.sup.kill(name)
+            wait_until(started, timeout_s=DEADLINE_S, what=f"the burst reaching {name}", interval_s=0.02)
+            pending = [int(r[0]) for r in rows(self.engine, pending_sql, ids=tile_ids)]
+            in_flight = len(pending) if name == "notify" else self.lag(name)
+            t0 = time.monotonic()
+            self.sup.kill(name)
+            hold.rollback()  # the lock goes; the killed writer's transaction never commits
         self.sup.start(name)
 
         def recovered() -> bool:
