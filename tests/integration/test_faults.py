@@ -1,6 +1,7 @@
 """The fault-injection suite: one steady stream of real tiles through the whole pipeline, while,
-in turn, every service is SIGKILLed (and restarted, as a supervisor would), the Kafka broker is
-restarted, PostgreSQL is stopped for 30 s, the object store's directory is filled to its quota,
+in turn, every service is SIGKILLed (and restarted, as a supervisor would; a Kafka stage while
+it writes a batch, the encoder once more after its write is durable and before its commit, so
+that the replay lands on its own rows), the Kafka broker is restarted, PostgreSQL is stopped for 30 s, the object store's directory is filled to its quota,
 and poison messages are fed at every consumed topic.
 
 The stack is this module's own (a broker, an embedded PostgreSQL and an object store under a
@@ -28,6 +29,7 @@ import errno
 import gc
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -297,6 +299,55 @@ class Pipeline:
             return True
 
         took = self.settle(recovered, f"{name} restarted and back at work", since=t0)
+        self.rows.append(Row(phase, in_flight=in_flight, recovery_s=took))
+        self.end(phase, marks)
+
+    def sigkill_after_write(self, name: str) -> None:
+        """SIGKILL a Kafka stage after its batch is durable and before its offsets are committed.
+
+        The stage's write waits on a table lock (as in :meth:`sigkill`); the broker is then frozen
+        (SIGSTOP) and the lock released, so the write goes through while the publish and the
+        commit that follow it cannot. The stage is killed there; the broker thaws (SIGCONT) and
+        the restarted stage replays the batch over its own rows, which the upserts must absorb.
+        """
+        from deploy import stack
+
+        phase = f"SIGKILL {name} after its write"
+        marks = self.begin(phase)
+        broker = stack.kafka_status(self.settings).pid
+        assert broker is not None, "no broker pid"
+        with self.engine.connect() as hold:
+            hold.execute(text(f"LOCK TABLE {WRITES[name]} IN SHARE ROW EXCLUSIVE MODE"))
+            ids = self.stream.send(BURST)
+            wait_until(
+                lambda: scalar(self.engine, WAITING_ON_LOCK, t=WRITES[name]) > 0,
+                timeout_s=DEADLINE_S,
+                what=f"{name} writing the burst",
+                interval_s=0.02,
+            )
+            in_flight = self.lag(name)
+            self.stream.pause()  # the publisher waits for the broker (see Stream.pause)
+            os.kill(broker, signal.SIGSTOP)
+            try:
+                hold.rollback()
+                wait_until(
+                    lambda: passed(self.engine, name, ids) > 0,
+                    timeout_s=DEADLINE_S,
+                    what=f"{name}'s write durable",
+                    interval_s=0.02,
+                )
+                t0 = time.monotonic()
+                self.sup.kill(name)
+            finally:
+                os.kill(broker, signal.SIGCONT)
+                self.stream.resume()
+        self.sup.start(name)
+
+        def recovered() -> bool:
+            self.sup.check()
+            return self.sup.health(name) == 200 and passed(self.engine, name, ids) == len(ids)
+
+        took = self.settle(recovered, f"{name} restarted and its batch replayed", since=t0)
         self.rows.append(Row(phase, in_flight=in_flight, recovery_s=took))
         self.end(phase, marks)
 
@@ -625,6 +676,8 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
         for name in SERVICE_NAMES:
             if wanted(f"sigkill-{name}"):
                 p.sigkill(name)
+        if wanted("sigkill-encode-written"):
+            p.sigkill_after_write("encode")
         if wanted("broker"):
             p.broker_restart()
         if wanted("postgres"):
