@@ -30,6 +30,13 @@ def register(groups: CommandGroups) -> None:
     )
     p.add_argument("--poll", type=_positive_float, default=2.0, metavar="S", help="seconds between rounds")
     p.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S", help="per-call timeout")
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="deliveries claimed per round (default: 20); a claim is leased for N x (timeout + 1) + 30 s",
+    )
     p.add_argument("--once", action="store_true", help="one round, then exit")
     p.add_argument(
         "--idle-exit", type=_positive_float, metavar="S", help="stop after S seconds with nothing due"
@@ -72,7 +79,7 @@ def _notify(args: argparse.Namespace, settings: Settings) -> int:
         )
     engine = get_engine(settings)
     try:
-        notifier = Notifier(engine, settings, timeout_s=args.timeout)
+        notifier = Notifier(engine, settings, timeout_s=args.timeout, batch=args.batch)
         if args.once:
             report = notifier.deliver_due()
         else:
