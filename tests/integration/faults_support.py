@@ -48,7 +48,8 @@ class Hook:
     """A local HTTP server recording every webhook call (alerts and saved-search notifications).
 
     Alerts are posted to ``<url>/alerts`` with ``X-Galsift-Delivery``; saved-search notifications
-    to ``<url>/search`` with ``X-Galsift-Notification``.
+    to ``<url>/search`` with ``X-Galsift-Notification``; alert-filter matches to ``<url>/filter``
+    with ``X-Galsift-Match``.
     """
 
     def __init__(self) -> None:
@@ -71,6 +72,7 @@ class Hook:
                             "delivery": self.headers.get("X-Galsift-Delivery"),
                             "alert": self.headers.get("X-Galsift-Alert"),
                             "notification": self.headers.get("X-Galsift-Notification"),
+                            "match": self.headers.get("X-Galsift-Match"),
                             "attempt": self.headers.get("X-Galsift-Attempt"),
                             "body": json.loads(body or b"{}"),
                         }
@@ -111,7 +113,7 @@ class Hook:
         self._release.set()
 
     def counts(self, header: str) -> Counter[str]:
-        """Calls per value of ``header`` (``delivery`` or ``notification``)."""
+        """Calls per value of ``header`` (``delivery``, ``notification`` or ``match``)."""
         with self._lock:
             return Counter(str(c[header]) for c in self.calls if c[header] is not None)
 
@@ -534,6 +536,14 @@ def send_poison(settings: Settings, poison: Iterable[Poison]) -> None:
         producer.close(timeout=30)
 
 
+def filter_messages(settings: Settings, topic: str) -> Counter[str]:
+    """Messages per tile id on an alert filter's topic."""
+    return Counter(
+        str(messages.decode("filter_match", r.value, header=messages.header_value(r.headers))["tile_id"])
+        for r in read_topic(settings, topic)
+    )
+
+
 def dead_letters(settings: Settings) -> list[dict[str, Any]]:
     """Every record of ``tiles.dead``, decoded."""
     out = []
@@ -608,6 +618,7 @@ PASSED = {
     "detect": "SELECT count(DISTINCT tile_id) FROM detections WHERE detector = 'lens_finder' "
     "AND tile_id = ANY(:ids)",
     "watch": "SELECT count(DISTINCT tile_id) FROM search_notifications WHERE tile_id = ANY(:ids)",
+    "filters": "SELECT count(DISTINCT tile_id) FROM filter_matches WHERE tile_id = ANY(:ids)",
     # scored, and either below the alert threshold or its alert delivered
     "notify": "SELECT count(DISTINCT d.tile_id) FROM detections d WHERE d.tile_id = ANY(:ids) "
     "AND d.detector = 'lens_finder' AND (d.score < :thr OR EXISTS (SELECT 1 FROM alerts a "

@@ -12,8 +12,9 @@ services of ``galsift up`` run as subprocesses, each with its ``/healthz``; aler
 webhook through the notifier, and one saved search (threshold 0: every new tile matches) notifies
 through the watcher's webhook sender. Every tile must therefore end as: one ``tiles`` row with its
 pixels, one embedding, one lens-finder score, one alert when it scores above the (tiny) alert
-threshold with exactly one webhook call, and one saved-search notification with exactly one
-webhook call.
+threshold with exactly one webhook call, one saved-search notification with exactly one
+webhook call, and one match of the suite's alert filter (every scored tile matches), published
+once on the filter's topic and posted once to its webhook.
 
 Afterwards every published tile is checked against the database and the webhook's calls: lost
 (a stage's output missing) and duplicated (a second row, alert or call), per fault (tiles are
@@ -51,6 +52,7 @@ from faults_support import (
     Supervisor,
     dead_letters,
     demo_tiles,
+    filter_messages,
     free_port_run,
     group_lag,
     passed,
@@ -83,12 +85,32 @@ STORE_SIZE = "64m"
 #: the longest any one wait may take (generous: the machine may be loaded), never a sleep
 DEADLINE_S = float(os.environ.get("FAULTS_DEADLINE_S", "420"))
 #: consumer group and input topic of each Kafka stage (the services' default groups)
-GROUPS = {"ingest": "ingest", "encode": "encoder", "detect": "detector", "watch": "watch"}
+GROUPS = {
+    "ingest": "ingest",
+    "encode": "encoder",
+    "detect": "detector",
+    "watch": "watch",
+    "filters": "filters",
+}
 #: the table each Kafka stage writes its batch to (first): the SIGKILL rows lock it to catch the
 #: stage in the middle of a write
-WRITES = {"ingest": "tiles", "encode": "embeddings", "detect": "detections", "watch": "search_notifications"}
-#: sessions waiting for a lock on table :t
-WAITING_ON_LOCK = "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = :t AND NOT l.granted"
+WRITES = {
+    "ingest": "tiles",
+    "encode": "embeddings",
+    "detect": "detections",
+    "watch": "search_notifications",
+    "filters": "filter_matches",
+}
+#: the alert filter the suite defines: every scored tile matches, one topic message and one
+#: webhook call each
+FILTER = "faults-all"
+#: sessions whose INSERT into table :t waits for a lock (the stage's write; not, say, the
+#: filters' outbox publisher, whose UPDATEs on filter_matches wait too)
+WAITING_ON_LOCK = (
+    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+    "JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE c.relname = :t AND NOT l.granted AND a.query ILIKE 'INSERT INTO ' || :t || '%'"
+)
 
 
 def _mount_tmpfs(path: Path, size: str) -> str | None:
@@ -179,8 +201,8 @@ class Pipeline:
             "encode": topics.accepted,
             "detect": topics.embedded,
             "watch": topics.embedded,
-            # the alert filters read what the detector scored (no filter is defined here)
-            "filters": getattr(topics, "detected", ""),
+            # the alert filters read what the detector scored
+            "filters": topics.detected,
         }.get(stage)
         if not topic:
             return 0
@@ -433,6 +455,7 @@ class Pipeline:
     # -- the verdict ------------------------------------------------------------------------------
     def verdict(self, search_id: int) -> dict[str, Counter[str]]:
         """Per phase: tiles lost and duplicated (see the module docstring for what is checked)."""
+        from db.filters import topic_for
         from galsift.objectstore import read_array
 
         ids = [uuid.UUID(i) for i in self.stream.ids()]
@@ -462,6 +485,15 @@ class Pipeline:
             "SELECT tile_id, count(*), count(*) FILTER (WHERE webhook_state = 'sent'), array_agg(id) "
             "FROM search_notifications WHERE saved_search_id = :s AND tile_id = ANY(:ids) GROUP BY tile_id"
         )
+        matches = per_tile(
+            "SELECT m.tile_id, count(*), count(*) FILTER (WHERE m.topic_state = 'published'), "
+            "count(*) FILTER (WHERE m.webhook_state = 'sent'), array_agg(m.id) FROM filter_matches m "
+            "JOIN alert_filters f ON f.id = m.filter_id WHERE f.name = '" + FILTER + "' "
+            "AND m.tile_id = ANY(:ids) GROUP BY m.tile_id"
+        )
+        on_topic = filter_messages(self.settings, topic_for(FILTER))
+        match_calls = self.hook.counts("match")
+        match_repeats = self.hook.attempt_repeats("match")
         alert_calls = self.hook.counts("delivery")
         note_calls = self.hook.counts("notification")
         note_repeats = self.hook.attempt_repeats("notification")
@@ -522,6 +554,21 @@ class Pipeline:
                 # same notification id (the receiver drops it); one attempt posted twice is a bug
                 if any(note_repeats.get(str(i), 0) for i in note_ids):
                     extra.append("notification webhook call")
+            n_match = matches.get(tid)
+            if n_match is None:
+                missing.append("filter match")
+            else:
+                n, n_published, n_sent, match_ids = n_match
+                if n > 1:
+                    extra.append("filter match")
+                if n_published < n or on_topic.get(tid, 0) == 0:
+                    missing.append("filter topic message")
+                if on_topic.get(tid, 0) > 1:
+                    extra.append("filter topic message")
+                if n_sent < n or any(match_calls.get(str(i), 0) == 0 for i in match_ids):
+                    missing.append("filter webhook call")
+                if any(match_repeats.get(str(i), 0) for i in match_ids):
+                    extra.append("filter webhook call")
             if missing:
                 lost[phase] += 1
                 problems.setdefault(phase, []).append(f"{tid} missing {', '.join(missing)}")
@@ -592,6 +639,15 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, repo_data: Path) -> Itera
                     gc.collect()
 
 
+def _alert_filter(p: Pipeline) -> None:
+    """The alert filter ``FILTER``: every scored tile matches (topic and webhook)."""
+    from db.filters import add_filter
+
+    add_filter(
+        p.settings, p.engine, FILTER, "lens_score >= 0", owner="faults", webhook_url=f"{p.hook.url}/filter"
+    )
+
+
 def _saved_search(engine: Engine, webhook_url: str) -> int:
     """A saved search of the served LVM with threshold 0 (every new tile matches) and a webhook."""
     import numpy as np
@@ -646,12 +702,13 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
             p.sup.all_healthy, timeout_s=DEADLINE_S, what="every service healthy at start", interval_s=1.0
         )
         search_id = _saved_search(p.engine, f"{p.hook.url}/search")
+        _alert_filter(p)
         # warm-up: the first tiles through every stage, then the steady stream runs throughout
         marks = p.begin("no fault (warm-up)")
         ids = p.stream.send(BURST)
         t0 = time.monotonic()
         wait_until(
-            lambda: p.through(ids, ("detect", "watch", "notify")),
+            lambda: p.through(ids, ("detect", "watch", "notify", "filters")),
             timeout_s=DEADLINE_S,
             what="the warm-up through the pipeline",
         )
@@ -692,7 +749,7 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
         everything = p.stream.ids()
         t_end = time.monotonic()
         p.settle(
-            lambda: p.through(everything, ("detect", "watch", "notify")),
+            lambda: p.through(everything, ("detect", "watch", "notify", "filters")),
             "every published tile through the pipeline",
             since=t_end,
         )
@@ -706,6 +763,12 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
                 )
                 == 0
                 and scalar(p.engine, "SELECT count(*) FROM alert_deliveries WHERE state <> 'sent'") == 0
+                and scalar(
+                    p.engine,
+                    "SELECT count(*) FROM filter_matches WHERE topic_state <> 'published' "
+                    "OR webhook_state IS DISTINCT FROM 'sent'",
+                )
+                == 0
             ),
             "every webhook call made",
             since=t_end,
@@ -751,6 +814,7 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
     # interrupted call may come again, as the next attempt of the same id, which receivers drop
     assert not p.hook.attempt_repeats("delivery")
     assert not p.hook.attempt_repeats("notification")
+    assert not p.hook.attempt_repeats("match")
     # every service healed without a human: none exited on its own, all answer 200
     assert p.sup.crashed() == {}, p.sup.tails()
     assert p.sup.all_healthy(), p.sup.tails()
