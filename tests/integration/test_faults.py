@@ -1,8 +1,9 @@
 """The fault-injection suite: one steady stream of real tiles through the whole pipeline, while,
 in turn, every service is SIGKILLed (and restarted, as a supervisor would; a Kafka stage while
 it writes a batch, the encoder once more after its write is durable and before its commit, so
-that the replay lands on its own rows), the Kafka broker is restarted, PostgreSQL is stopped for 30 s, the object store's directory is filled to its quota,
-and poison messages are fed at every consumed topic.
+that the replay lands on its own rows), the Kafka broker is restarted, PostgreSQL is stopped for
+30 s, the object store's directory is filled to its quota, and poison messages are fed at every
+consumed topic.
 
 The stack is this module's own (a broker, an embedded PostgreSQL and an object store under a
 temporary directory), so stopping its parts disturbs no other test. The object store is a
@@ -63,7 +64,7 @@ from faults_support import (
     table,
     wait_until,
 )
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from galsift.settings import Settings
 
@@ -267,8 +268,8 @@ class Pipeline:
         durable, wherever the timing falls. It has recovered when it is healthy again and the
         whole burst came out. The notifier is killed while the webhook holds one of its calls open
         (claimed and posted, its outcome not yet recorded), and has recovered when every alert
-        then pending is delivered (the killed claim after its lease); any other service has recovered when it answers
-        ``/healthz`` 200 again.
+        then pending is delivered (the killed claim after its lease); any other service has
+        recovered when it answers ``/healthz`` 200 again.
         """
         phase = f"SIGKILL {name}"
         marks = self.begin(phase)
@@ -276,28 +277,15 @@ class Pipeline:
         pending_sql = "SELECT id FROM alert_deliveries WHERE state = 'pending'"
         with self.engine.connect() as hold:
             if name in WRITES:
-                # SHARE ROW EXCLUSIVE: every INSERT/UPDATE on the table waits, SELECTs do not
-                hold.execute(text(f"LOCK TABLE {WRITES[name]} IN SHARE ROW EXCLUSIVE MODE"))
-            ids = self.stream.send(BURST)
-            if name in WRITES:
-
-                def started() -> bool:
-                    return scalar(self.engine, WAITING_ON_LOCK, t=WRITES[name]) > 0
-
+                ids = self._burst_into_locked_write(hold, name)
             elif name == "notify":
                 # the next alert call is received and held open: the kill lands between the
                 # notifier's claim and its record of the outcome
                 self.hook.hold_next("/alerts")
-
-                def started() -> bool:
-                    return self.hook.held.is_set()
-
+                ids = self.stream.send(BURST)
+                wait_until(self.hook.held.is_set, timeout_s=DEADLINE_S, what="a held alert call")
             else:
-
-                def started() -> bool:
-                    return True
-
-            wait_until(started, timeout_s=DEADLINE_S, what=f"the burst reaching {name}", interval_s=0.02)
+                ids = self.stream.send(BURST)
             pending = [int(r[0]) for r in rows(self.engine, pending_sql)]
             in_flight = len(pending) if name == "notify" else self.lag(name)
             t0 = time.monotonic()
@@ -324,6 +312,22 @@ class Pipeline:
         self.rows.append(Row(phase, in_flight=in_flight, recovery_s=took))
         self.end(phase, marks)
 
+    def _burst_into_locked_write(self, hold: Connection, name: str) -> list[str]:
+        """Lock the table stage ``name`` writes, publish a burst, wait until the write waits.
+
+        The lock (SHARE ROW EXCLUSIVE: INSERTs wait, SELECTs do not) is held by ``hold``'s
+        transaction until it ends; returns the burst's tile ids.
+        """
+        hold.execute(text(f"LOCK TABLE {WRITES[name]} IN SHARE ROW EXCLUSIVE MODE"))
+        ids = self.stream.send(BURST)
+        wait_until(
+            lambda: scalar(self.engine, WAITING_ON_LOCK, t=WRITES[name]) > 0,
+            timeout_s=DEADLINE_S,
+            what=f"{name} writing the burst",
+            interval_s=0.02,
+        )
+        return ids
+
     def sigkill_after_write(self, name: str) -> None:
         """SIGKILL a Kafka stage after its batch is durable and before its offsets are committed.
 
@@ -339,14 +343,7 @@ class Pipeline:
         broker = stack.kafka_status(self.settings).pid
         assert broker is not None, "no broker pid"
         with self.engine.connect() as hold:
-            hold.execute(text(f"LOCK TABLE {WRITES[name]} IN SHARE ROW EXCLUSIVE MODE"))
-            ids = self.stream.send(BURST)
-            wait_until(
-                lambda: scalar(self.engine, WAITING_ON_LOCK, t=WRITES[name]) > 0,
-                timeout_s=DEADLINE_S,
-                what=f"{name} writing the burst",
-                interval_s=0.02,
-            )
+            ids = self._burst_into_locked_write(hold, name)
             in_flight = self.lag(name)
             self.stream.pause()  # the publisher waits for the broker (see Stream.pause)
             os.kill(broker, signal.SIGSTOP)
@@ -465,7 +462,8 @@ class Pipeline:
         problems: dict[str, list[str]] = {}
 
         def per_tile(sql: str) -> dict[str, tuple[Any, ...]]:
-            return {str(r[0]): tuple(r[1:]) for r in rows(self.engine, sql, ids=ids, s=search_id)}
+            params = {"ids": ids, "s": search_id, "f": FILTER}
+            return {str(r[0]): tuple(r[1:]) for r in rows(self.engine, sql, **params)}
 
         tiles = per_tile("SELECT id, pixels_uri, checksum FROM tiles WHERE id = ANY(:ids)")
         emb = per_tile(
@@ -488,7 +486,7 @@ class Pipeline:
         matches = per_tile(
             "SELECT m.tile_id, count(*), count(*) FILTER (WHERE m.topic_state = 'published'), "
             "count(*) FILTER (WHERE m.webhook_state = 'sent'), array_agg(m.id) FROM filter_matches m "
-            "JOIN alert_filters f ON f.id = m.filter_id WHERE f.name = '" + FILTER + "' "
+            "JOIN alert_filters f ON f.id = m.filter_id WHERE f.name = :f "
             "AND m.tile_id = ANY(:ids) GROUP BY m.tile_id"
         )
         on_topic = filter_messages(self.settings, topic_for(FILTER))
