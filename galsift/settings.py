@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # -- HITL search, saved searches, scheduled jobs ---------------------------------------------
     #: seconds between the saved-search watcher's checks for new or retrained saved searches
     watch_refresh_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    #: seconds beyond ``watch_refresh_s`` that a watcher looks back, when it first sees a saved
+    #: search (a new one, or all of them after a restart), for tiles it may have passed over
+    watch_catch_up_s: float = Field(default=60.0, ge=0.0, le=86400.0)
     #: seconds between runs of the retraining job (morphology heads and saved searches)
     retrain_every_s: int = Field(default=3600, ge=1)
     #: seconds between runs of the continual-pretraining job (weekly by default)

@@ -57,10 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: how far back (seconds, beyond ``watch_refresh_s``) a newly seen search looks for tiles that
-#: arrived while the watcher's view of the searches was older than the search
-CATCH_UP_MARGIN_S = 60.0
-
 
 @dataclass(frozen=True)
 class WatchedSearch:
@@ -221,6 +217,10 @@ class WatchStage(Stage[tuple[uuid.UUID, str]]):
     def catch_up(self, searches: Sequence[WatchedSearch]) -> int:
         """Score the tiles that arrived in the last moments with searches new to this watcher.
 
+        The moments are ``watch_refresh_s + watch_catch_up_s`` seconds: the gap between a save and
+        the reload, and, after a restart, the tiles of a batch whose write a killed watcher did not
+        finish (the commit-after-write rule alone re-delivers those; this is a second net).
+
         Returns
         -------
         int
@@ -228,7 +228,7 @@ class WatchStage(Stage[tuple[uuid.UUID, str]]):
         """
         from db.notifications import recent_embeddings
 
-        window = self.settings.watch_refresh_s + CATCH_UP_MARGIN_S
+        window = self.settings.watch_refresh_s + self.settings.watch_catch_up_s
         rows: list[tuple[int, uuid.UUID, float, int]] = []
         for version in sorted({s.model_version for s in searches}):
             group = [s for s in searches if s.model_version == version]
@@ -611,7 +611,6 @@ def _notifications(args: argparse.Namespace, settings: Settings) -> int:
 
 
 __all__ = [
-    "CATCH_UP_MARGIN_S",
     "SendReport",
     "WatchStage",
     "WatchedSearch",

@@ -187,11 +187,11 @@ class Supervisor:
         """The metrics port of ``name``."""
         return self.settings.metrics_port_base + SERVICE_NAMES.index(name)
 
-    def start(self, name: str) -> Service:
-        """Start (or restart) one service."""
+    def start(self, name: str, **over: Any) -> Service:
+        """Start (or restart) one service, with settings ``over`` changed for it."""
         from deploy.cli import service_command, service_env
 
-        own = self.settings.model_copy(update={"metrics_port": self.port(name)})
+        own = self.settings.model_copy(update={**over, "metrics_port": self.port(name)})
         log = self.logs / f"{name}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import itertools
 import os
 import re
 import signal
@@ -168,6 +169,8 @@ class Pipeline:
     unsettled: list[str] = field(default_factory=list)
     #: per phase, per service: where its log stood when the phase began
     marks: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: the ``job_runs`` id of the retraining run killed with the scheduler
+    killed_run: int | None = None
 
     # -- helpers ------------------------------------------------------------------------------
     def begin(self, phase: str) -> dict[str, int]:
@@ -311,6 +314,65 @@ class Pipeline:
         took = self.settle(recovered, f"{name} restarted and back at work", since=t0)
         self.rows.append(Row(phase, in_flight=in_flight, recovery_s=took))
         self.end(phase, marks)
+
+    def sigkill_scheduler_mid_job(self) -> None:
+        """SIGKILL the scheduler while its retraining job runs; the restarted one must run it again.
+
+        The scheduler is restarted with a one-second retraining interval, so the job falls due at
+        once, and killed (with the job's process: one process group) as soon as the run is
+        recorded ``running``. It comes back with the suite's hour-long interval, so before the
+        deadline only its recovery of unfinished jobs can run the job again. Lost: the job never
+        ran again to ``ok``; duplicated: two runs of it overlapped.
+        """
+        phase = "SIGKILL scheduler (mid-job)"
+        marks = self.begin(phase)
+        before = scalar(self.engine, "SELECT coalesce(max(id), 0) FROM job_runs WHERE job = 'retrain'")
+        self.sup.kill("scheduler")
+        self.sup.start("scheduler", retrain_every_s=1)
+        running = "SELECT coalesce(max(id), 0) FROM job_runs WHERE job = 'retrain' AND outcome = 'running'"
+        wait_until(
+            lambda: scalar(self.engine, running) > before,
+            timeout_s=DEADLINE_S,
+            what="a running retrain",
+            interval_s=0.05,
+        )
+        t0 = time.monotonic()
+        self.sup.kill("scheduler")
+        self.killed_run = int(scalar(self.engine, running))
+        self.sup.start("scheduler")  # the suite's settings: the next scheduled run is an hour away
+
+        def recovered() -> bool:
+            self.sup.check()
+            return self.sup.health("scheduler") == 200 and bool(self.reruns())
+
+        took = self.settle(recovered, "the killed retrain run again", since=t0)
+        self.rows.append(Row(phase, in_flight=1, recovery_s=took, note="1 job run"))
+        self.end(phase, marks)
+
+    def reruns(self) -> list[int]:
+        """Runs of ``retrain`` after the one killed mid-job that finished ``ok``."""
+        return [
+            int(r[0])
+            for r in rows(
+                self.engine,
+                "SELECT id FROM job_runs WHERE job = 'retrain' AND id > :k AND outcome = 'ok'",
+                k=self.killed_run,
+            )
+        ]
+
+    def job_overlaps(self) -> int:
+        """Pairs of consecutive ``retrain`` or ``heads`` runs that ran at the same time."""
+        overlaps = 0
+        for job in ("retrain", "heads"):
+            ran = rows(
+                self.engine,
+                "SELECT started_at, ended_at FROM job_runs WHERE job = :j AND outcome <> 'skipped' "
+                "ORDER BY started_at",
+                j=job,
+            )
+            # a run killed with its process never ends: only the run after it may follow it
+            overlaps += sum(1 for a, b in itertools.pairwise(ran) if a[1] is not None and a[1] > b[0])
+        return overlaps
 
     def _burst_into_locked_write(self, hold: Connection, name: str) -> list[str]:
         """Lock the table stage ``name`` writes, publish a burst, wait until the write waits.
@@ -593,6 +655,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, repo_data: Path) -> Itera
         alert_webhooks=[f"{hook.url}/alerts"],
         webhook_rate_per_hour=100_000,
         watch_refresh_s=1.0,
+        # the watcher's second net (a restarted watcher scores the last moments' tiles again)
+        # reaches back only to the refresh: the SIGKILL-watch row tests commit-after-write itself
+        watch_catch_up_s=0.0,
         metrics_port_base=free_port_run(len(SERVICE_NAMES)),
         dashboard_port=free_port_run(1),
     )
@@ -742,7 +807,7 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
             p.poison()
         for name in SERVICE_NAMES:
             if wanted(f"sigkill-{name}"):
-                p.sigkill(name)
+                p.sigkill_scheduler_mid_job() if name == "scheduler" else p.sigkill(name)
         if wanted("sigkill-encode-written"):
             p.sigkill_after_write("encode")
         if wanted("broker"):
@@ -788,6 +853,15 @@ def test_faults_lose_nothing_duplicate_nothing_and_heal(
         for row in p.rows:
             row.lost = verdict["lost"].get(row.fault, 0)
             row.duplicated = verdict["dup"].get(row.fault, 0)
+        if p.killed_run is not None:
+            # the scheduler's row counts job runs, not tiles
+            jobs = next(r for r in p.rows if r.fault.startswith("SIGKILL scheduler"))
+            jobs.lost += int(not p.reruns())
+            jobs.duplicated += p.job_overlaps()
+            if jobs.lost or jobs.duplicated:
+                p.problems.setdefault(jobs.fault, []).append(
+                    f"retrain run {p.killed_run} killed: reruns {p.reruns()}, {p.job_overlaps()} overlapping"
+                )
         tail = "tail (after the faults)"
         p.rows.append(Row(tail, lost=verdict["lost"].get(tail, 0), duplicated=verdict["dup"].get(tail, 0)))
         for row in p.rows:
