@@ -1,6 +1,7 @@
 """Idempotent writes and small reads used by the services.
 
-Every write is one multi-row ``INSERT ... ON CONFLICT`` per batch (one round trip), keyed so that
+Every write is one multi-row ``INSERT ... ON CONFLICT`` per batch (tiles: a binary ``COPY`` into
+a staging table, then one ``INSERT ... SELECT ... ON CONFLICT``), keyed so that
 replaying a batch after a crash changes nothing: tiles by (survey, external_id), embeddings by
 (tile, model version), errors by their Kafka position, counters by (stage, worker).
 """
@@ -12,8 +13,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
 from sqlalchemy import Engine, func, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
 from db.models import (
@@ -54,34 +58,103 @@ def upsert_tiles(engine: Engine, tiles: Sequence[TileCreate]) -> int:
     """Insert or refresh tiles (and their surveys) in one transaction; returns rows written.
 
     A tile published twice keeps its id and ``ingested_at``; pixel URI, checksum and metadata
-    take the newest values.
+    take the newest values. ``tiles`` must not name one (survey, external_id) twice.
+
+    The rows travel by binary ``COPY`` into a session-local staging table and are upserted from
+    there in one statement: psycopg formats the rows in C, where a multi-row ``INSERT`` spent
+    ~0.2 ms of Python per row in SQLAlchemy's bind processing (README, ingest benchmark).
+
+    Raises
+    ------
+    sqlalchemy.exc.OperationalError
+        When the database is unreachable or the statement was cancelled (also inside the
+        ``COPY``, whose psycopg errors SQLAlchemy does not wrap).
     """
     if not tiles:
         return 0
-    rows = [t.model_dump() for t in tiles]
-    surveys = sorted({r["survey"] for r in rows})
+    surveys = sorted({t.survey for t in tiles})
     with engine.begin() as conn:
         conn.execute(
             insert(Survey).values([{"name": s, "description": ""} for s in surveys]).on_conflict_do_nothing()
         )
-        # one statement, many parameter sets: SQLAlchemy compiles it once and sends the rows as
-        # multi-row VALUES pages ("insertmanyvalues"); .values(rows) would compile a new
-        # statement with rows x columns bind parameters for every batch
-        conn.execute(_TILE_UPSERT, rows)
-    return len(rows)
+        conn.exec_driver_sql(_TILE_STAGING)
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(_TILE_COPY) as copy:
+                copy.set_types(_TILE_TYPES)
+                for t in tiles:
+                    copy.write_row(
+                        (
+                            t.id,
+                            t.survey,
+                            t.external_id,
+                            t.ra,
+                            t.dec,
+                            t.healpix,
+                            t.bands,
+                            t.pixel_scale,
+                            t.shape,
+                            t.dtype,
+                            t.pixels_uri,
+                            t.checksum,
+                            t.obs_time,
+                            Jsonb(t.meta),
+                        )
+                    )
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # the raw cursor's errors are not wrapped by SQLAlchemy: say "database away" the same way
+            raise OperationalError(_TILE_COPY, None, exc) from exc
+        finally:
+            cursor.close()
+        conn.exec_driver_sql(_TILE_FROM_STAGING)
+    return len(tiles)
 
 
-def _tile_upsert() -> Any:
-    table = Tile.__table__  # type: ignore[attr-defined]  # SQLModel sets it on table classes
-    stmt = insert(table)
-    keep = {"id", "survey", "external_id", "ingested_at"}
-    return stmt.on_conflict_do_update(
-        constraint="uq_tiles_survey_external_id",
-        set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keep},
-    )
-
-
-_TILE_UPSERT = _tile_upsert()
+#: the COPY columns of a tile row (``ingested_at`` takes its default on insert)
+_TILE_COLUMNS = (
+    "id",
+    "survey",
+    "external_id",
+    "ra",
+    "dec",
+    "healpix",
+    "bands",
+    "pixel_scale",
+    "shape",
+    "dtype",
+    "pixels_uri",
+    "checksum",
+    "obs_time",
+    "meta",
+)
+_TILE_TYPES = (
+    "uuid",
+    "varchar",
+    "varchar",
+    "float8",
+    "float8",
+    "int8",
+    "varchar[]",
+    "float8",
+    "int4[]",
+    "varchar",
+    "varchar",
+    "varchar",
+    "timestamptz",
+    "jsonb",
+)
+# emptied at every commit, so a pooled connection never carries rows into its next batch
+_TILE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS tiles_staging (LIKE tiles INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_TILE_COPY = f"COPY tiles_staging ({', '.join(_TILE_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_KEEP_ON_CONFLICT = {"id", "survey", "external_id"}
+_TILE_FROM_STAGING = (
+    f"INSERT INTO tiles ({', '.join(_TILE_COLUMNS)}) "
+    f"SELECT {', '.join(_TILE_COLUMNS)} FROM tiles_staging "
+    "ON CONFLICT ON CONSTRAINT uq_tiles_survey_external_id DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _TILE_COLUMNS if c not in _KEEP_ON_CONFLICT)
+)
 
 
 def record_errors(engine: Engine, errors: Sequence[IngestErrorCreate]) -> None:

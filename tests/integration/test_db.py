@@ -47,6 +47,52 @@ def test_tile_upsert_is_idempotent_and_refreshes(engine: Engine) -> None:
     assert row.bands == ["g", "r", "z"] and row.shape == [3, 8, 8]
 
 
+def test_tile_upsert_keeps_meta_ingested_at_and_nulls(engine: Engine) -> None:
+    survey = f"dbtest-{uuid.uuid4().hex[:6]}"
+    bare = _tile(survey, "bare").model_copy(update={"ra": None, "dec": None, "healpix": None, "meta": {}})
+    rich = _tile(survey, "rich").model_copy(update={"meta": {"fits_header": {"EXPTIME": 90.0}, "n": [1, 2]}})
+    repo.upsert_tiles(engine, [bare, rich])
+    with engine.connect() as c:
+        first = dict(
+            c.execute(text("SELECT id, ingested_at FROM tiles WHERE survey = :s"), {"s": survey}).all()
+        )
+    repo.upsert_tiles(engine, [rich.model_copy(update={"checksum": "1" * 64})])
+    by_id = {t.id: t for t in repo.tiles_by_id(engine, [bare.id, rich.id])}
+    assert by_id[bare.id].ra is None and by_id[bare.id].healpix is None and by_id[bare.id].meta == {}
+    assert by_id[rich.id].meta == {"fits_header": {"EXPTIME": 90.0}, "n": [1, 2]}
+    assert by_id[rich.id].checksum == "1" * 64
+    # a refreshed tile keeps the time it first arrived (the watcher and the SQL views key on it)
+    with engine.connect() as c:
+        again = dict(
+            c.execute(text("SELECT id, ingested_at FROM tiles WHERE survey = :s"), {"s": survey}).all()
+        )
+    assert again == first
+
+
+def test_tile_upsert_raises_sqlalchemys_operational_error_from_inside_its_copy(engine: Engine) -> None:
+    """An error of the COPY itself is an OperationalError, which the stages ride out.
+
+    The COPY runs on the raw psycopg cursor, whose errors SQLAlchemy does not wrap; a statement
+    timeout set just before it cancels it (the connection lives on, so the rollback succeeds and
+    cannot wrap it either).
+    """
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    def tight_timeout(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("CREATE TEMP TABLE"):
+            cursor.execute("SET LOCAL statement_timeout = 1")
+
+    survey = f"dbtest-{uuid.uuid4().hex[:6]}"
+    event.listen(engine, "after_cursor_execute", tight_timeout)
+    try:
+        with pytest.raises(OperationalError, match="statement timeout"):
+            repo.upsert_tiles(engine, [_tile(survey, f"t{i}") for i in range(20_000)])
+    finally:
+        event.remove(engine, "after_cursor_execute", tight_timeout)
+    assert repo.count_rows(engine, "tiles", survey=survey) == 0
+
+
 def test_embeddings_keyed_by_tile_and_version_and_searchable(engine: Engine) -> None:
     survey = f"dbtest-{uuid.uuid4().hex[:6]}"
     tiles = [_tile(survey, f"e{i}") for i in range(20)]
