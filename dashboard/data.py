@@ -33,9 +33,21 @@ from galsift.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: the detector names the services write (detectors.service / detectors.morphology)
-LENS_DETECTOR = "lens_finder"
+#: the detector names the services write (detectors.service / detectors.morphology); a tile's
+#: lens score is its lens head's where it has one, else its lens finder's (as in
+#: galsift_api.tile_scores)
+LENS_DETECTORS = ["lens_head", "lens_finder"]
 MORPHOLOGY_DETECTOR = "morphology"
+
+
+def _lens_score(tile: str) -> str:
+    """SQL of the lens score of tile ``tile`` (an alias); binds ``:lens`` to :data:`LENS_DETECTORS`."""
+    return (
+        f"(SELECT d.score FROM detections d WHERE d.tile_id = {tile}.id AND d.detector = ANY(:lens) "
+        f"AND d.label = 'lens' ORDER BY d.detector = '{LENS_DETECTORS[0]}' DESC, d.created_at DESC LIMIT 1)"
+    )
+
+
 #: how long cached query results live (seconds): lists that change rarely, and live feeds
 SLOW_TTL = 60
 LIVE_TTL = 5
@@ -233,12 +245,9 @@ def tiles(ids: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     with engine().connect() as c:
         rows = c.execute(
             text(
-                f"SELECT {TILE_COLUMNS}, "
-                "(SELECT d.score FROM detections d WHERE d.tile_id = t.id AND d.detector = :lens "
-                " AND d.label = 'lens' ORDER BY d.created_at DESC LIMIT 1) AS lens_score "
-                "FROM tiles t WHERE t.id = ANY(:ids)"
+                f"SELECT {TILE_COLUMNS}, {_lens_score('t')} AS lens_score FROM tiles t WHERE t.id = ANY(:ids)"
             ),
-            {"ids": [uuid.UUID(i) for i in ids], "lens": LENS_DETECTOR},
+            {"ids": [uuid.UUID(i) for i in ids], "lens": LENS_DETECTORS},
         ).mappings()
         return {str(r["id"]): dict(r) for r in rows}
 
@@ -362,11 +371,8 @@ def _filter_sql(f: Filters, params: dict[str, Any]) -> str:
             "+ cos(radians(t.dec)) * cos(radians(:c_dec)) * cos(radians(t.ra - :c_ra))))) <= :c_r"
         )
     if f.lens_min is not None:
-        where.append(
-            "EXISTS (SELECT 1 FROM detections d WHERE d.tile_id = t.id AND d.detector = :lens_det "
-            "AND d.label = 'lens' AND d.score >= :lens_min)"
-        )
-        params.update(lens_det=LENS_DETECTOR, lens_min=float(f.lens_min))
+        where.append(f"{_lens_score('t')} >= :lens_min")
+        params.update(lens=LENS_DETECTORS, lens_min=float(f.lens_min))
     if f.morphology is not None:
         where.append(
             "EXISTS (SELECT 1 FROM detections d WHERE d.tile_id = t.id AND d.detector = :morph_det "
@@ -397,13 +403,12 @@ def neighbours(
         "k": int(k),
         "o": int(offset),
         "ex": [uuid.UUID(x) for x in exclude],
-        "lens": LENS_DETECTOR,
+        "lens": LENS_DETECTORS,
     }
     where = _filter_sql(filters, params)
     sql = (
         "SELECT n.*, "
-        "(SELECT d.score FROM detections d WHERE d.tile_id = n.id AND d.detector = :lens "
-        " AND d.label = 'lens' ORDER BY d.created_at DESC LIMIT 1) AS lens_score "
+        f"{_lens_score('n')} AS lens_score "
         f"FROM (SELECT {TILE_COLUMNS}, 1 - (e.embedding <=> :q) AS similarity "
         "FROM embeddings e JOIN tiles t ON t.id = e.tile_id "
         f"WHERE e.model_version = :v AND e.tile_id <> ALL(:ex){where} "

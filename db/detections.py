@@ -23,6 +23,8 @@ class TileToScore:
     ra: float | None
     dec: float | None
     bands: list[str]
+    #: pixel type: ``uint8`` for colour composites, a float type for flux
+    dtype: str
     pixels_uri: str
     checksum: str
     encoder_version: str
@@ -37,8 +39,8 @@ def tiles_to_score(engine: Engine, keys: Sequence[tuple[str, str]]) -> list[Tile
     if not keys:
         return []
     sql = text(
-        "SELECT t.id::text, t.survey, t.external_id, t.ra, t.dec, t.bands, t.pixels_uri, t.checksum, "
-        "e.model_version, e.embedding FROM tiles t JOIN embeddings e ON e.tile_id = t.id "
+        "SELECT t.id::text, t.survey, t.external_id, t.ra, t.dec, t.bands, t.dtype, t.pixels_uri, "
+        "t.checksum, e.model_version, e.embedding FROM tiles t JOIN embeddings e ON e.tile_id = t.id "
         "JOIN unnest(CAST(:ids AS uuid[]), CAST(:versions AS text[])) AS k(tile_id, version) "
         "ON k.tile_id = e.tile_id AND k.version = e.model_version"
     )
@@ -52,10 +54,11 @@ def tiles_to_score(engine: Engine, keys: Sequence[tuple[str, str]]) -> list[Tile
                 ra=r[3],
                 dec=r[4],
                 bands=[str(b) for b in r[5]],
-                pixels_uri=str(r[6]),
-                checksum=str(r[7]),
-                encoder_version=str(r[8]),
-                embedding=_array(r[9]),
+                dtype=str(r[6]),
+                pixels_uri=str(r[7]),
+                checksum=str(r[8]),
+                encoder_version=str(r[9]),
+                embedding=_array(r[10]),
             )
             for r in conn.execute(sql, params)
         ]

@@ -12,7 +12,8 @@ The head is tied to one encoder version (the embedding it reads) and one lens-fi
 score it reads); :meth:`LensHead.load` refuses another. Its card also lists the renderings it was
 trained on: the shared graded sets are colour composites (JPEG), and on stretched flux tiles
 (FITS, the survey feed) the head calls ordinary simulated galaxies lenses, so the detector
-service does not use it yet (see the README). Its weights are a few hundred floats,
+service applies it only to tiles of the renderings in its card (:meth:`LensHead.applies_to`).
+Its weights are a few hundred floats,
 kept in a JSON card with the data it was trained on (so ``galsift eval lens`` leaves those images
 out), the cross-fitted AUROC on its training images and how it was made.
 """
@@ -45,6 +46,11 @@ EPS = 1e-4
 
 class LensHeadError(ValueError):
     """A head that cannot be made, read or used with the given encoder and lens finder."""
+
+
+def rendering_of(dtype: str) -> str:
+    """``composite`` for 8-bit colour composites, ``flux`` for float flux (the card's words)."""
+    return "composite" if np.dtype(dtype) == np.uint8 else "flux"
 
 
 def features(embeddings: np.ndarray, detector_scores: np.ndarray) -> np.ndarray:
@@ -92,6 +98,19 @@ class LensHead:
     def detector_version(self) -> str:
         """The lens finder's model version."""
         return str(self.card["detector_version"])
+
+    @property
+    def renderings(self) -> frozenset[str]:
+        """The renderings it was trained on (``composite``, ``flux``; see :func:`rendering_of`)."""
+        return frozenset(self.card.get("renderings", ()))
+
+    def applies_to(self, *, encoder_version: str, dtype: str) -> bool:
+        """Whether it may score a tile embedded by ``encoder_version`` with pixels of ``dtype``.
+
+        Only tiles of a rendering it was trained on: the shipped head, fitted on colour
+        composites, calls ordinary galaxies in stretched flux lenses (README).
+        """
+        return encoder_version == self.encoder_version and rendering_of(dtype) in self.renderings
 
     def predict(self, embeddings: np.ndarray, detector_scores: np.ndarray) -> np.ndarray:
         """Lens probability of each tile, from its embedding and the finder's top score."""

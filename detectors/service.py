@@ -2,7 +2,9 @@
 
 Each worker is a member of the ``detector`` consumer group. Per consumed batch it reads the tiles
 and their embeddings from the database, runs the morphology heads on the embeddings and the
-Mask R-CNN lens finder on the stored pixels, writes lens masks to the object store, upserts every
+Mask R-CNN lens finder on the stored pixels and, on the renderings it was trained on, the
+real-label lens head (:mod:`detectors.lens_head`) on the finder's score and the embedding, writes
+lens masks to the object store, upserts every
 score keyed by (tile, detector model version, detector, label), creates alerts (and their webhook
 deliveries in the outbox) for lens scores at or above ``alert_threshold`` — idempotently, so a
 replayed batch creates none twice — publishes the batch's alerts on ``alerts.lens`` and one
@@ -35,6 +37,7 @@ from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Rejected, Stage
 
 if TYPE_CHECKING:
+    from detectors.lens_head import LensHead
     from detectors.lensfinder import LensFinder
     from detectors.morphology import MorphologyHeads
 
@@ -42,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: the ``detector`` column of the lens finder's rows
 LENS_DETECTOR = "lens_finder"
+#: the ``detector`` column of the lens head's rows (``detectors.lens_head.VARIANT``); where a tile
+#: has one, it is the tile's lens score (alerts, ``galsift_api.tile_scores``, the dashboard)
+HEAD_DETECTOR = "lens_head"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class Scored:
     tile: TileToScore
     detections: list[DetectionCreate]
     lens_score: float | None
+    #: the model version and detector that gave ``lens_score`` (the head's, where it applies)
+    lens_model: str | None = None
+    lens_detector: str | None = None
 
 
 class DetectStage(Stage[tuple[str, str]]):
@@ -68,6 +77,9 @@ class DetectStage(Stage[tuple[str, str]]):
         The morphology heads, or None to run the lens finder only.
     known
         Known-lens catalogue for the cross-match (``detectors.alerts.KnownLenses``).
+    head
+        The real-label lens head, or None; it scores (and gives the lens score of) the tiles it
+        applies to (:meth:`detectors.lens_head.LensHead.applies_to`), the finder the others.
     store
         Object store for lens masks; by default ``ObjectStore(settings.pixel_store_url)``.
     """
@@ -84,6 +96,7 @@ class DetectStage(Stage[tuple[str, str]]):
         lens: LensFinder | None,
         morphology: MorphologyHeads | None,
         known: KnownLenses,
+        head: LensHead | None = None,
         store: ObjectStore | None = None,
         **kw: Any,
     ) -> None:
@@ -94,6 +107,11 @@ class DetectStage(Stage[tuple[str, str]]):
         self.lens = lens
         self.morphology = morphology
         self.known = known
+        if head is not None and (lens is None or head.detector_version != lens.version):
+            raise ValueError(
+                "the lens head reads the lens finder's score: it needs the finder it was fitted on"
+            )
+        self.head = head
         self.store = store or ObjectStore(settings.pixel_store_url)
 
     @property
@@ -141,8 +159,8 @@ class DetectStage(Stage[tuple[str, str]]):
                     ra=s.tile.ra,
                     dec=s.tile.dec,
                     score=s.lens_score,
-                    model_version=self.lens.version,
-                    detector=LENS_DETECTOR,
+                    model_version=s.lens_model or self.lens.version,
+                    detector=s.lens_detector or LENS_DETECTOR,
                     pixels_uri=s.tile.pixels_uri,
                 )
                 for s in scored
@@ -183,7 +201,8 @@ class DetectStage(Stage[tuple[str, str]]):
         if not tiles:
             return []
         rows: dict[str, list[DetectionCreate]] = {t.tile_id: [] for t in tiles}
-        lens_scores: dict[str, float] = {}
+        # tile -> (lens score, its model version, its detector)
+        lens_scores: dict[str, tuple[float, str, str]] = {}
         if self.morphology is not None:
             usable = [t for t in tiles if t.encoder_version == self.morphology.encoder_version]
             if usable:
@@ -210,7 +229,7 @@ class DetectStage(Stage[tuple[str, str]]):
                         f"masks/{t.survey}/{t.tile_id}/{self.lens.version}.npy", masks.astype(np.uint8)
                     )
                     extra |= {"masks_uri": uri, "masks_checksum": checksum}
-                lens_scores[t.tile_id] = float(result.score)
+                lens_scores[t.tile_id] = (float(result.score), self.lens.version, LENS_DETECTOR)
                 rows[t.tile_id].append(
                     DetectionCreate(
                         tile_id=uuid.UUID(t.tile_id),
@@ -221,7 +240,42 @@ class DetectStage(Stage[tuple[str, str]]):
                         extra=extra,
                     )
                 )
-        return [Scored(t, rows[t.tile_id], lens_scores.get(t.tile_id)) for t in tiles]
+            lens_scores |= self._head_scores(ok, lens_scores, rows)
+        return [Scored(t, rows[t.tile_id], *lens_scores.get(t.tile_id, (None, None, None))) for t in tiles]
+
+    def _head_scores(
+        self,
+        tiles: Sequence[TileToScore],
+        finder: dict[str, tuple[float, str, str]],
+        rows: dict[str, list[DetectionCreate]],
+    ) -> dict[str, tuple[float, str, str]]:
+        """The lens head's scores of the tiles it applies to; their rows are added to ``rows``."""
+        if self.head is None:
+            return {}
+        head = self.head
+        usable = [
+            t
+            for t in tiles
+            if t.tile_id in finder and head.applies_to(encoder_version=t.encoder_version, dtype=t.dtype)
+        ]
+        if not usable:
+            return {}
+        found = np.asarray([finder[t.tile_id][0] for t in usable])
+        probability = head.predict(np.stack([t.embedding for t in usable]), found)
+        out: dict[str, tuple[float, str, str]] = {}
+        for t, p, f in zip(usable, probability, found, strict=True):
+            out[t.tile_id] = (float(p), head.version, HEAD_DETECTOR)
+            rows[t.tile_id].append(
+                DetectionCreate(
+                    tile_id=uuid.UUID(t.tile_id),
+                    model_version=head.version,
+                    detector=HEAD_DETECTOR,
+                    label="lens",
+                    score=float(p),
+                    extra={"finder_score": float(f), "finder_version": head.detector_version},
+                )
+            )
+        return out
 
     def _images(self, tiles: Sequence[TileToScore], size: int) -> tuple[np.ndarray, list[TileToScore]]:
         """Model inputs of the tiles, read from the object store with their bands.
@@ -254,10 +308,13 @@ def register_versions(
     lens_path: Path | None = None,
     morphology: MorphologyHeads | None = None,
     morphology_path: Path | None = None,
+    head: LensHead | None = None,
+    head_path: Path | None = None,
 ) -> None:
     """Register the detectors' model versions (every stored score names one), idempotently."""
     from db.models import ModelVersionCreate
     from db.repo import register_model_version
+    from detectors.lens_head import DEFAULT_LENS_HEAD, VARIANT
     from detectors.lensfinder import DEFAULT_LENS_CHECKPOINT
     from detectors.morphology import SHIPPED_HEADS
     from encoder.checkpoint import file_sha256
@@ -276,6 +333,38 @@ def register_versions(
         )
     if morphology is not None:
         morphology.register(engine, Path(morphology_path or SHIPPED_HEADS))
+    if head is not None:
+        path = Path(head_path or DEFAULT_LENS_HEAD)
+        card = {k: v for k, v in head.card.items() if k != "data"}  # the file lists stay in the card file
+        register_model_version(
+            engine,
+            ModelVersionCreate(
+                name=head.version,
+                variant=VARIANT,
+                checkpoint_uri=path.resolve().as_uri(),
+                checksum=file_sha256(path),
+                card=card,
+            ),
+        )
+
+
+def load_head(settings: Settings, lens: LensFinder) -> tuple[LensHead | None, Path | None]:
+    """The lens head the service applies, or None (switched off, or made for another finder).
+
+    A head made for another lens finder is left out with a warning, not an error: the finder
+    alone still scores every tile.
+    """
+    from detectors.lens_head import DEFAULT_LENS_HEAD, LensHead, LensHeadError
+
+    if not settings.lens_head:
+        return None, None
+    path = Path(settings.lens_head_checkpoint or DEFAULT_LENS_HEAD)
+    try:
+        head = LensHead.load(path, detector_version=lens.version)
+    except LensHeadError as exc:
+        log.warning("detector: lens head not used: %s", exc)
+        return None, None
+    return head, path
 
 
 def run(
@@ -304,12 +393,32 @@ def run(
     # the heads the retraining job promoted serve; the shipped ones until there are any
     morphology_path = morphology_path or promoted_heads_path(engine)
     morphology = MorphologyHeads.load(morphology_path, engine=engine)
+    head, head_path = load_head(settings, lens)
     register_versions(
-        engine, lens=lens, lens_path=lens_path, morphology=morphology, morphology_path=morphology_path
+        engine,
+        lens=lens,
+        lens_path=lens_path,
+        morphology=morphology,
+        morphology_path=morphology_path,
+        head=head,
+        head_path=head_path,
     )
     stage = DetectStage(
-        settings, engine, lens=lens, morphology=morphology, known=KnownLenses.from_lenscat(), group_id=group
+        settings,
+        engine,
+        lens=lens,
+        morphology=morphology,
+        known=KnownLenses.from_lenscat(),
+        head=head,
+        group_id=group,
     )
-    log.info("detector: lens finder %s, morphology %s", lens.version, morphology.version)
+    log.info(
+        "detector: lens finder %s, lens head %s, morphology %s",
+        lens.version,
+        f"{head.version} (on {', '.join(sorted(head.renderings))} tiles of {head.encoder_version})"
+        if head
+        else "off",
+        morphology.version,
+    )
     stage.run(max_batches=max_batches, idle_exit_s=idle_exit_s)
     return 0

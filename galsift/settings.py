@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # -- detectors and alerts -----------------------------------------------------------------
     #: lens-finder checkpoint (safetensors + JSON card); unset -> the one shipped in detectors/checkpoints
     lens_checkpoint: Path | None = None
+    #: the real-label lens head (JSON card) applied to the renderings it was trained on; unset ->
+    #: the shipped detectors/checkpoints/lens_head.json
+    lens_head_checkpoint: Path | None = None
+    #: whether the detector service applies the lens head at all
+    lens_head: bool = True
     #: lens score (top detection score) from which a tile becomes a lens-candidate alert
     alert_threshold: float = Field(default=0.9, gt=0.0, le=1.0)
     #: radius of the cross-match against known lenses, in arcseconds

@@ -5,6 +5,7 @@ lenses marked, and no second webhook call after the detector is killed mid-batch
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -25,16 +26,18 @@ from detectors.alerts import KnownLenses
 from detectors.lensfinder import LensFinder
 from detectors.morphology import MorphologyHeads
 from detectors.notify import deliver_due
-from detectors.service import DetectStage, register_versions
+from detectors.service import DetectStage, load_head, register_versions
 from encoder.service import SHIPPED_CHECKPOINT, Embedder, EncodeStage
 from encoder.sim import simulate_galaxy, simulate_lens
 from galsift import messages
 from galsift.settings import Settings
 from ingest.publish import TilePublisher
-from ingest.readers import SurveyTile
+from ingest.readers import SurveyTile, read_image
 from ingest.service import IngestStage
 
 pytestmark = pytest.mark.integration
+
+DEMO = Path(__file__).resolve().parents[2] / "ingest" / "demo_tiles"
 
 
 class Webhook:
@@ -101,6 +104,21 @@ def _tiles(survey: str, known: KnownLenses) -> tuple[list[SurveyTile], dict[str,
     return tiles, kinds
 
 
+def _composite(survey: str) -> SurveyTile:
+    """A real CFHTLS colour composite (JPEG) of a graded lens candidate, from the bundled demo."""
+    folder = DEMO / "cfhtls_lens_candidates"
+    with (folder / "labels.csv").open(newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["lens"] == "1")
+    return read_image(
+        folder / row["file"],
+        survey=survey,
+        external_id="composite",
+        ra=200.5,
+        dec=-5.5,
+        pixel_scale=float(row["pixel_scale"]),
+    )
+
+
 def _ingest_and_embed(settings: Settings, engine: Engine, tiles: list[SurveyTile]) -> str:
     """Publish the tiles and run ingest and the encoder over them; returns a run id for groups."""
     with TilePublisher(settings) as pub:
@@ -122,7 +140,7 @@ def _alerts(engine: Engine, survey: str) -> list[Any]:
         return list(
             conn.execute(
                 text(
-                    "SELECT a.id, a.tile_id::text AS tile_id, a.crossmatch, a.score FROM alerts a "
+                    "SELECT a.id, a.tile_id::text AS tile_id, a.model_version, a.crossmatch, a.score FROM alerts a "
                     "JOIN tiles t ON t.id = a.tile_id WHERE t.survey = :s"
                 ),
                 {"s": survey},
@@ -149,38 +167,56 @@ def test_lenses_alert_once_galaxies_never_and_known_lenses_are_marked(
     survey = f"det_{uuid.uuid4().hex[:6]}"
     known = KnownLenses.from_lenscat()
     tiles, kinds = _tiles(survey, known)
-    uid = _ingest_and_embed(settings, engine, tiles)
+    composite = _composite(survey)
+    uid = _ingest_and_embed(settings, engine, [*tiles, composite])
     lens = LensFinder.load()
     morphology = MorphologyHeads.load()
-    register_versions(engine, lens=lens, morphology=morphology)
+    head, head_path = load_head(settings, lens)
+    assert head is not None, "the shipped lens head reads the shipped finder's score"
+    register_versions(engine, lens=lens, morphology=morphology, head=head, head_path=head_path)
     stage = DetectStage(
-        settings, engine, lens=lens, morphology=morphology, known=known, group_id=f"det-{uid}"
+        settings, engine, lens=lens, morphology=morphology, known=known, head=head, group_id=f"det-{uid}"
     )
     StageRunner(stage, idle_exit_s=3).start().join(timeout_s=300)
 
     scores = _detections(engine, survey)
     lens_scores = {t: s for (t, d), s in scores.items() if d == "lens_finder:lens"}
-    assert set(lens_scores) == set(kinds), "every tile gets a lens score"
+    assert set(lens_scores) == {*kinds, composite.tile_id}, "every tile gets a lens score"
     assert any(d.startswith("morphology:") for _, d in scores), "and morphology probabilities"
+    # the real-label head scores the colour composite only: it was trained on composites
+    head_scores = {t: s for (t, d), s in scores.items() if d == "lens_head:lens"}
+    assert set(head_scores) == {composite.tile_id}
+    head_alerts = head_scores[composite.tile_id] >= settings.alert_threshold
     alerts = _alerts(engine, survey)
     alerted = {a["tile_id"] for a in alerts}
-    assert alerted == {t for t, k in kinds.items() if k == "lens"}, lens_scores
-    assert len(alerts) == 2
+    lenses = {t for t, k in kinds.items() if k == "lens"}
+    assert alerted == lenses | ({composite.tile_id} if head_alerts else set()), (lens_scores, head_scores)
     by_name = {a["tile_id"]: a for a in alerts}
     assert by_name[messages.tile_id(survey, "lens_known")]["crossmatch"]["known"] is True
     assert by_name[messages.tile_id(survey, "lens_new")]["crossmatch"]["known"] is False
+    if head_alerts:
+        assert by_name[composite.tile_id]["model_version"] == head.version
+    # SQL readers and the alert filters see the head's score where there is one
+    with engine.connect() as conn:
+        view = dict(
+            conn.execute(
+                text("SELECT tile_id::text, lens_score FROM galsift_api.tile_scores WHERE survey = :s"),
+                {"s": survey},
+            ).all()
+        )
+    assert view == {**lens_scores, **head_scores}
 
     published = [messages.decode("alert", r.value) for r in read_topic(settings, settings.topics.alerts)]
     assert sorted(m["tile_id"] for m in published) == sorted(alerted)
     # every scored tile is announced on tiles.detected (the alert filters' input), after its write
     detected = [messages.decode("detected", r.value) for r in read_topic(settings, settings.topics.detected)]
-    assert {m["tile_id"] for m in detected} == set(kinds)
+    assert {m["tile_id"] for m in detected} == {*kinds, composite.tile_id}
     assert all(lens.version in m["model_versions"] for m in detected)
 
     deliver_due(engine, settings)
-    assert len(webhook.calls) == 2
+    assert len(webhook.calls) == len(alerted)
     deliver_due(engine, settings)  # nothing left to send
-    assert len(webhook.calls) == 2
+    assert len(webhook.calls) == len(alerted)
 
 
 def _detect_process(settings: Settings, group: str, log: Path) -> subprocess.Popen[bytes]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,3 +126,64 @@ def test_eval_lens_scores_the_head_on_images_nobody_trained_on(small_lenses: Pat
     )
     with pytest.raises(LensEvalError, match="not loaded"):
         run_lens_eval(small_lenses, [finder], score_col="lens", positive_min=1, negative_max=0, heads=[other])
+
+
+def _to_score(name: str, *, dtype: str, encoder: str = "enc-1", d: int = 8) -> Any:
+    from db.detections import TileToScore
+
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    return TileToScore(
+        tile_id=str(uuid.uuid5(uuid.NAMESPACE_URL, name)),
+        survey="s",
+        external_id=name,
+        ra=None,
+        dec=None,
+        bands=["R", "G", "B"] if dtype == "uint8" else ["g", "r", "z"],
+        dtype=dtype,
+        pixels_uri="file:///nowhere.npy",
+        checksum="0" * 64,
+        encoder_version=encoder,
+        embedding=rng.normal(size=d),
+    )
+
+
+def test_the_service_scores_with_the_head_only_the_renderings_it_was_trained_on(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from detectors.alerts import KnownLenses
+    from detectors.lens_head import rendering_of
+    from detectors.service import HEAD_DETECTOR, LENS_DETECTOR, DetectStage
+    from galsift.settings import Settings
+
+    assert rendering_of("uint8") == "composite" and rendering_of("float32") == "flux"
+    head = _fit(data=[{"folder": "x", "files": ["a.jpg"], "renderings": ["composite"]}])
+    assert head.renderings == {"composite"}
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    finder = SimpleNamespace(version="lens-1")
+    known = KnownLenses([], np.zeros(0), np.zeros(0))
+    stage = DetectStage(settings, None, lens=finder, morphology=None, known=known, head=head)  # type: ignore[arg-type]
+    composite, flux = _to_score("c", dtype="uint8"), _to_score("f", dtype="float32")
+    other = _to_score("o", dtype="uint8", encoder="enc-2")
+    tiles = [composite, flux, other]
+    scores = {t.tile_id: (0.3, "lens-1", LENS_DETECTOR) for t in tiles}
+    rows: dict[str, list[Any]] = {t.tile_id: [] for t in tiles}
+    got = stage._head_scores(tiles, scores, rows)
+    # the composite of the head's encoder only: flux and another embedding space keep the finder's
+    assert set(got) == {composite.tile_id}
+    p, version, detector = got[composite.tile_id]
+    assert version == head.version and detector == HEAD_DETECTOR
+    assert p == pytest.approx(float(head.predict(composite.embedding[None], np.array([0.3]))[0]))
+    (row,) = rows[composite.tile_id]
+    assert (row.detector, row.label, row.model_version) == (HEAD_DETECTOR, "lens", head.version)
+    assert row.extra == {"finder_score": 0.3, "finder_version": "lens-1"}
+    assert rows[flux.tile_id] == rows[other.tile_id] == []
+    # a head reads its own finder's score: any other finder is refused at start-up
+    with pytest.raises(ValueError, match="finder it was fitted on"):
+        DetectStage(
+            settings,
+            None,  # type: ignore[arg-type]
+            lens=SimpleNamespace(version="lens-2"),  # type: ignore[arg-type]
+            morphology=None,
+            known=known,
+            head=head,
+        )
