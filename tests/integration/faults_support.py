@@ -619,10 +619,13 @@ PASSED = {
     "AND tile_id = ANY(:ids)",
     "watch": "SELECT count(DISTINCT tile_id) FROM search_notifications WHERE tile_id = ANY(:ids)",
     "filters": "SELECT count(DISTINCT tile_id) FROM filter_matches WHERE tile_id = ANY(:ids)",
-    # scored, and either below the alert threshold or its alert delivered
-    "notify": "SELECT count(DISTINCT d.tile_id) FROM detections d WHERE d.tile_id = ANY(:ids) "
-    "AND d.detector = 'lens_finder' AND (d.score < :thr OR EXISTS (SELECT 1 FROM alerts a "
-    "JOIN alert_deliveries ad ON ad.alert_id = a.id WHERE a.tile_id = d.tile_id AND ad.state = 'sent'))",
+    # scored, and either its lens score (the lens head's where it has one, as the detector's
+    # alerts) below the alert threshold or its alert delivered
+    "notify": "SELECT count(*) FROM (SELECT DISTINCT ON (d.tile_id) d.tile_id, d.score FROM detections d "
+    "WHERE d.tile_id = ANY(:ids) AND d.detector IN ('lens_head', 'lens_finder') "
+    "ORDER BY d.tile_id, d.detector = 'lens_head' DESC) d WHERE d.score < :thr OR EXISTS "
+    "(SELECT 1 FROM alerts a JOIN alert_deliveries ad ON ad.alert_id = a.id "
+    "WHERE a.tile_id = d.tile_id AND ad.state = 'sent')",
 }
 #: the alert threshold the suite runs with: every lens score above it alerts
 ALERT_THRESHOLD = 1e-9

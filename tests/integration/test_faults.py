@@ -12,8 +12,8 @@ of the detector's lens masks) fail with ``ENOSPC``, as a full disk or volume quo
 services of ``galsift up`` run as subprocesses, each with its ``/healthz``; alerts go to a local
 webhook through the notifier, and one saved search (threshold 0: every new tile matches) notifies
 through the watcher's webhook sender. Every tile must therefore end as: one ``tiles`` row with its
-pixels, one embedding, one lens-finder score, one alert when it scores above the (tiny) alert
-threshold with exactly one webhook call, one saved-search notification with exactly one
+pixels, one embedding, one lens-finder score (and one lens-head score if it is a colour
+composite), one alert when its lens score is above the (tiny) alert threshold with exactly one webhook call, one saved-search notification with exactly one
 webhook call, and one match of the suite's alert filter (every scored tile matches), published
 once on the filter's topic and posted once to its webhook.
 
@@ -532,9 +532,16 @@ class Pipeline:
             "SELECT tile_id, count(*), count(DISTINCT model_version) FROM embeddings "
             "WHERE tile_id = ANY(:ids) GROUP BY tile_id"
         )
+        # the finder's rows, and the tile's lens score: the lens head's where it scored the tile
+        # (colour composites), else the finder's; the head's rows are counted like the finder's
         det = per_tile(
-            "SELECT tile_id, count(*), count(DISTINCT model_version), max(score) FROM detections "
-            "WHERE tile_id = ANY(:ids) AND detector = 'lens_finder' GROUP BY tile_id"
+            "SELECT tile_id, count(*) FILTER (WHERE detector = 'lens_finder'), "
+            "count(DISTINCT model_version) FILTER (WHERE detector = 'lens_finder'), "
+            "coalesce(max(score) FILTER (WHERE detector = 'lens_head'), "
+            "max(score) FILTER (WHERE detector = 'lens_finder')), "
+            "count(*) FILTER (WHERE detector = 'lens_head'), "
+            "count(DISTINCT model_version) FILTER (WHERE detector = 'lens_head') FROM detections "
+            "WHERE tile_id = ANY(:ids) AND detector IN ('lens_finder', 'lens_head') GROUP BY tile_id"
         )
         alerts = per_tile(
             "SELECT a.tile_id, count(DISTINCT a.id), count(d.id), "
@@ -576,10 +583,10 @@ class Pipeline:
                 missing.append("embedding")
             elif n_emb[0] > n_emb[1]:
                 extra.append("embedding")
-            n_det = det.get(tid, (0, 0, None))
+            n_det = det.get(tid, (0, 0, None, 0, 0))
             if n_det[0] == 0:
                 missing.append("lens score")
-            elif n_det[0] > n_det[1]:
+            elif n_det[0] > n_det[1] or n_det[3] > n_det[4]:
                 extra.append("lens score")
             n_alert = alerts.get(tid)
             if n_det[0] and float(n_det[2] or 0.0) >= threshold:

@@ -496,8 +496,17 @@ def test_webhooks_retry_give_up_never_post_twice_and_again_after_a_crash(
     assert claim is not None and claim.id == crashed
     with engine.connect() as other:
         assert sweep_interrupted(other) == [], "a live claimer's row is not swept"
+    pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     conn.invalidate()  # the process is gone: PostgreSQL drops its session and its lock
     conn.close()
+
+    def session_ended() -> bool:
+        # the server ends the session (and frees its lock) once it reads the closed socket
+        with engine.connect() as other:
+            live = other.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
+            return live.scalar_one() == 0
+
+    wait_for(session_ended, timeout_s=30, interval_s=0.05, what="the crashed watcher's session to end")
     with engine.connect() as other:
         assert sweep_interrupted(other) == [crashed]
     state, attempts, error = _states(engine, [crashed])[crashed]
