@@ -1,16 +1,18 @@
 """The detector service: ``tiles.embedded`` → detectors → ``detections``, ``alerts.lens``, ``tiles.detected``.
 
 Each worker is a member of the ``detector`` consumer group. Per consumed batch it reads the tiles
-and their embeddings from the database, runs the morphology heads on the embeddings and the
-Mask R-CNN lens finder on the stored pixels and, on the renderings it was trained on, the
-real-label lens head (:mod:`detectors.lens_head`) on the finder's score and the embedding, writes
-lens masks to the object store, upserts every
-score keyed by (tile, detector model version, detector, label), creates alerts (and their webhook
-deliveries in the outbox) for lens scores at or above ``alert_threshold`` — idempotently, so a
-replayed batch creates none twice — publishes the batch's alerts on ``alerts.lens`` and one
-``tiles.detected`` message per scored tile (the alert filters' input, ``galsift filters``) and only
-then commits. Webhooks are sent by the notifier (``galsift notify``), never by this loop, so a failing
-webhook cannot slow the detectors down.
+and their embeddings from the database and runs:
+- the morphology heads on the embeddings;
+- the Mask R-CNN lens finder on the stored pixels (its lens masks go to the object store);
+- the real-label lens head (:mod:`detectors.lens_head`) on the finder's score and the embedding,
+  for the tiles of the renderings it was trained on (its score is then their lens score).
+
+It upserts every score keyed by (tile, detector model version, detector, label) and creates alerts
+(and their webhook deliveries in the outbox) for lens scores at or above ``alert_threshold`` —
+idempotently, so a replayed batch creates none twice. It publishes the batch's alerts on
+``alerts.lens`` and one ``tiles.detected`` message per scored tile (the alert filters' input,
+``galsift filters``), and only then commits. Webhooks are sent by the notifier (``galsift
+notify``), never by this loop, so a failing webhook cannot slow the detectors down.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from db.detections import TileToScore, tiles_to_score, upsert_detections
 from db.models import DetectionCreate
 from db.repo import DbRecorder
 from detectors.alerts import KnownLenses, ScoredTile, alert_messages, build_alerts
+from detectors.lens_head import VARIANT as HEAD_VARIANT
 from galsift.objectstore import ObjectStore
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Rejected, Stage
@@ -45,9 +48,9 @@ log = logging.getLogger(__name__)
 
 #: the ``detector`` column of the lens finder's rows
 LENS_DETECTOR = "lens_finder"
-#: the ``detector`` column of the lens head's rows (``detectors.lens_head.VARIANT``); where a tile
-#: has one, it is the tile's lens score (alerts, ``galsift_api.tile_scores``, the dashboard)
-HEAD_DETECTOR = "lens_head"
+#: the ``detector`` column of the lens head's rows; where a tile has one, it is the tile's lens
+#: score (alerts, ``galsift_api.tile_scores``, the dashboard)
+HEAD_DETECTOR = HEAD_VARIANT
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,7 @@ def register_versions(
     """Register the detectors' model versions (every stored score names one), idempotently."""
     from db.models import ModelVersionCreate
     from db.repo import register_model_version
-    from detectors.lens_head import DEFAULT_LENS_HEAD, VARIANT
+    from detectors.lens_head import DEFAULT_LENS_HEAD
     from detectors.lensfinder import DEFAULT_LENS_CHECKPOINT
     from detectors.morphology import SHIPPED_HEADS
     from encoder.checkpoint import file_sha256
@@ -340,7 +343,7 @@ def register_versions(
             engine,
             ModelVersionCreate(
                 name=head.version,
-                variant=VARIANT,
+                variant=HEAD_VARIANT,
                 checkpoint_uri=path.resolve().as_uri(),
                 checksum=file_sha256(path),
                 card=card,
