@@ -47,6 +47,14 @@ def test_tile_upsert_is_idempotent_and_refreshes(engine: Engine) -> None:
     assert row.bands == ["g", "r", "z"] and row.shape == [3, 8, 8]
 
 
+def test_tile_copy_writes_every_column_of_the_table_but_its_arrival_time() -> None:
+    from db.models import Tile
+
+    table = Tile.__table__  # type: ignore[attr-defined]
+    assert set(repo._TILE_COLUMNS) == {c.name for c in table.columns} - {"ingested_at"}
+    assert len(repo._TILE_TYPES) == len(repo._TILE_COLUMNS)
+
+
 def test_tile_upsert_keeps_meta_ingested_at_and_nulls(engine: Engine) -> None:
     survey = f"dbtest-{uuid.uuid4().hex[:6]}"
     bare = _tile(survey, "bare").model_copy(update={"ra": None, "dec": None, "healpix": None, "meta": {}})
