@@ -721,20 +721,25 @@ def run_continual(
     from db.jobs import job_run
 
     cfg.check()
+    own = engine is None
     if engine is None:
         from db.engine import get_engine
 
         engine = get_engine(settings)
-    with job_run(engine, JOB) as run:
-        if run is None:
-            return ContinualResult("skipped", "already running in another process")
-        # the run's own metrics dict: what a failing run had measured is recorded with it
-        result = _run(settings, engine, cfg, run_id=run.id, metrics=run.metrics)
-        run.outcome = "ok" if result.outcome == "ok" else "refused"
-        run.detail = result.detail
-        run.metrics = _finite(result.metrics)
-    result.run_id = run.id
-    return result
+    try:
+        with job_run(engine, JOB) as run:
+            if run is None:
+                return ContinualResult("skipped", "already running in another process")
+            # the run's own metrics dict: what a failing run had measured is recorded with it
+            result = _run(settings, engine, cfg, run_id=run.id, metrics=run.metrics)
+            run.outcome = "ok" if result.outcome == "ok" else "refused"
+            run.detail = result.detail
+            run.metrics = _finite(result.metrics)
+        result.run_id = run.id
+        return result
+    finally:
+        if own:
+            engine.dispose()  # its pooled connections, not left to the garbage collector
 
 
 def _run(
