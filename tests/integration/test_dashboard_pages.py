@@ -102,6 +102,31 @@ def test_search_page_neighbours_filters_and_export(sky: Sky) -> None:
 
 
 @pytest.mark.usefixtures("app_env")
+def test_lens_score_is_the_lens_heads_where_a_tile_has_one(sky: Sky, engine: Engine) -> None:
+    tid = next(t for t in sky.ids if not sky.good_of[t])  # a finder score of 0.0-0.3
+    vec = data.embedding(tid, sky.version)
+    assert vec is not None
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO detections (tile_id, model_version, detector, label, score, extra) "
+                "VALUES (:t, :v, 'lens_head', 'lens', 0.95, '{}')"
+            ),
+            {"t": tid, "v": sky.version},
+        )
+    try:
+        assert data.tiles((str(tid),))[str(tid)]["lens_score"] == pytest.approx(0.95)
+        # the search filter reads the same score: the tile passes a cut its finder score fails
+        (row,) = data.neighbours(vec, sky.version, k=1, filters=data.Filters(lens_min=0.9))
+        assert str(row["id"]) == str(tid) and row["lens_score"] == pytest.approx(0.95)
+    finally:
+        with engine.begin() as c:
+            c.execute(
+                text("DELETE FROM detections WHERE tile_id = :t AND detector = 'lens_head'"), {"t": tid}
+            )
+
+
+@pytest.mark.usefixtures("app_env")
 def test_search_page_from_coordinates_and_random(sky: Sky) -> None:
     at = _ok(_app("search", "ana").run())
     at.selectbox(key="search_version").select(sky.version)
