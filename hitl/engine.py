@@ -255,7 +255,14 @@ class SearchEngine:
             t2 = time.perf_counter()
             cand = np.asarray(vecs, np.float32).reshape(len(vecs), self.dim)
             scores = learner.score(cand)
-            picks = select(cand, scores, k, policy=self.policy, has_boundary=learner.kind == "logistic")
+            picks = select(
+                cand,
+                scores,
+                k,
+                policy=self.policy,
+                has_boundary=learner.kind == "logistic",
+                priority=learner.priority(cand),
+            )
             order = list(ids)
             shown = [
                 ShownTile(order[p.index], r, p.strategy, float(scores[p.index])) for r, p in enumerate(picks)

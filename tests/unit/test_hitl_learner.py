@@ -138,3 +138,37 @@ def test_acquisition_shares_are_validated() -> None:
     with pytest.raises(ValueError):
         Acquisition(uncertain=0.7, diverse=0.5)
     assert Acquisition().counts(1, has_boundary=True) == {"exploit": 1, "uncertain": 0, "diverse": 0}
+
+
+def test_page_order_follows_priority_and_uncertainty_follows_scores() -> None:
+    rng = np.random.default_rng(9)
+    x = _unit(rng.normal(size=(100, DIM)))
+    scores = rng.uniform(size=100).astype(np.float32)
+    priority = rng.uniform(size=100).astype(np.float32)
+    picks = select(
+        x, scores, 12, policy=Acquisition(uncertain=1 / 12, diverse=0), has_boundary=True, priority=priority
+    )
+    exploit = [p.index for p in picks if p.strategy == "exploit"]
+    assert sorted(exploit) == sorted(np.argsort(-priority)[:11].tolist())
+    (uncertain,) = [p.index for p in picks if p.strategy == "uncertain"]
+    rest = np.delete(np.arange(100), exploit)
+    assert uncertain == rest[np.argmin(abs(scores[rest] - 0.5))]
+
+
+def test_priority_fuses_similarity_and_probability_ranks() -> None:
+    good, bad = _clusters(seed=3)
+    sim_only = fit(good[:3], np.zeros((0, DIM), np.float32))
+    np.testing.assert_array_equal(sim_only.priority(bad[:5]), sim_only.score(bad[:5]))
+    learner = fit(good[:6], bad[:6])
+    rng = np.random.default_rng(4)
+    cand = _unit(rng.normal(size=(50, DIM)))
+    cand[0] = good[1]  # a copy of a positive: the nearest of all, whatever its probability
+    pri = learner.priority(cand)
+    nearest = (cand @ learner.positives.T).max(axis=1)
+    prob = learner.score(cand)
+    assert pri.min() >= 0 and pri.max() <= 1
+    assert pri[0] >= 0.5 and pri[int(np.argmax(prob))] >= 0.5
+    # the fused rank is the mean of the two ranks: the top on either count is in the top half
+    assert pri[int(np.argmax(nearest))] >= 0.5
+    # the fused order differs from the probability's own order (else it would change nothing)
+    assert not np.array_equal(np.argsort(-pri), np.argsort(-prob))
