@@ -9,6 +9,7 @@ by (tile, model version), announced on ``tiles.embedded`` and only then committe
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -105,19 +106,67 @@ def load_tile(uri: str, checksum: str | None, size: int, bands: Sequence[str] | 
 
 
 class EncodeStage(Stage[np.ndarray]):
-    """Consumer-group member embedding accepted tiles with one model version."""
+    """Consumer-group member embedding accepted tiles with one model version at a time.
+
+    Parameters
+    ----------
+    settings, engine
+        Configuration and the galsift database.
+    embedder
+        The model it starts with.
+    follow_promotions
+        Switch to a newer promoted LVM (``promotions`` row of role ``lvm``, written by the
+        continual-pretraining job) between batches, looking every ``settings.promotion_check_s``.
+        ``galsift encode`` sets it when no model is pinned (``--model``, ``GALSIFT_MODEL_CHECKPOINT``).
+    """
 
     name: ClassVar[str] = "encoder"
     input_schema: ClassVar[str] = "accepted"
     output_schema: ClassVar[str | None] = "embedded"
 
-    def __init__(self, settings: Settings, engine: Engine, embedder: Embedder, **kw: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        embedder: Embedder,
+        *,
+        follow_promotions: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__(settings, repo.DbRecorder(engine), **kw)
         self.engine = engine
         self.embedder = embedder
         self.version: ModelVersionPublic = repo.register_model_version(
             engine, model_version_for(embedder.checkpoint, embedder.card)
         )
+        self.follow_promotions = follow_promotions
+        self._next_promotion_check = 0.0
+
+    def follow_promotion(self) -> bool:
+        """Serve the newest promoted LVM if it is not the one served; whether the model changed.
+
+        A promoted checkpoint that cannot be loaded is logged and the current model kept (the
+        next look tries again), so a bad promotion never stops the embedding of new tiles.
+        """
+        now = time.monotonic()
+        if not self.follow_promotions or now < self._next_promotion_check:
+            return False
+        self._next_promotion_check = now + self.settings.promotion_check_s
+        promoted = promoted_version(self.engine)
+        if promoted is None or promoted.name == self.version.name:
+            return False
+        try:
+            embedder = Embedder(
+                checkpoint_path(promoted), device=self.settings.device, batch=self.embedder.batch
+            )
+        except Exception as exc:
+            log.error(
+                "encoder: promoted %s not loaded, keeping %s: %s", promoted.name, self.version.name, exc
+            )
+            return False
+        log.info("encoder: serving the promoted %s (was %s)", promoted.name, self.version.name)
+        self.embedder, self.version = embedder, promoted
+        return True
 
     @property
     def input_topic(self) -> str:
@@ -136,7 +185,10 @@ class EncodeStage(Stage[np.ndarray]):
 
     def write(self, prepared: Sequence[tuple[Envelope, np.ndarray]]) -> list[Output]:
         """Embed the batch, upsert the vectors, and return the ``tiles.embedded`` messages."""
-        vectors = self.embedder.embed(np.stack([x for _, x in prepared]))
+        images = [x for _, x in prepared]
+        if self.follow_promotion() and images[0].shape[-1] != self.embedder.img_size:
+            images = [self.prepare(env) for env, _ in prepared]  # the new model's input size
+        vectors = self.embedder.embed(np.stack(images))
         if not np.isfinite(vectors).all():
             # a non-finite vector would poison the HNSW index; the base class isolates the culprit
             raise Rejected("nonfinite", "the model produced a non-finite embedding")
@@ -234,7 +286,8 @@ def run(
         result = backfill(engine, embedder)
         print(f"backfill: {result['embedded']} embedded, {result['failed']} failed (see ingest_errors)")
         return 1 if result["failed"] else 0
-    EncodeStage(settings, engine, embedder, group_id=group).run(
+    pinned = model is not None or settings.model_checkpoint is not None
+    EncodeStage(settings, engine, embedder, group_id=group, follow_promotions=not pinned).run(
         max_batches=max_batches, idle_exit_s=idle_exit_s
     )
     return 0

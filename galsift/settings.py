@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     model_checkpoint: Path | None = None
     #: images per forward pass of the encoder (micro-batches of a consumed batch)
     encode_batch: int = Field(default=32, ge=1, le=4096)
+    #: seconds between an encoder's looks for a newer promoted LVM (when it serves promotions:
+    #: no ``--model`` and no ``model_checkpoint``); 0 looks before every batch
+    promotion_check_s: float = Field(default=60.0, ge=0.0, le=86400.0)
 
     # -- detectors and alerts -----------------------------------------------------------------
     #: lens-finder checkpoint (safetensors + JSON card); unset -> the one shipped in detectors/checkpoints

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,89 @@ def test_backfill_embeds_what_is_missing_and_is_restartable(
     # a restarted backfill skips everything already embedded and retries only the failures
     again = backfill(engine, embedder, chunk=8, progress=False)
     assert again == {"embedded": 0, "failed": first["failed"]}
+
+
+@pytest.fixture
+def own_db(stack_settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[tuple[Settings, Engine]]:
+    """A private database, so the promotion this test writes serves no other test."""
+    from db.engine import get_engine, upgrade
+
+    name = f"it_follow_{uuid.uuid4().hex[:8]}"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = engine.url.set(database=name).render_as_string(hide_password=False)
+    settings = isolated_settings(stack_settings, "follow", batch_size=8).model_copy(
+        update={"database_url": url, "data_dir": tmp_path / "data", "promotion_check_s": 0.0}
+    )
+    upgrade(settings)
+    eng = get_engine(settings)
+    try:
+        yield settings, eng
+    finally:
+        eng.dispose()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _promote_a_candidate(engine: Engine, tmp_path: Path) -> str:
+    """Register a perturbed copy of the shipped LVM and promote it, as the continual job does."""
+    import torch
+
+    from db import repo
+    from encoder.checkpoint import load_model, save_checkpoint
+    from encoder.serving import model_version_for
+
+    model, _ = load_model(SHIPPED_CHECKPOINT)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "candidate.safetensors"
+    save_checkpoint(path, model, card={"note": "a promotion in a test"})
+    version = repo.register_model_version(engine, model_version_for(path))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO promotions (role, model_version, previous, reason, metrics) "
+                "VALUES ('lvm', :v, :p, 'test', '{}')"
+            ),
+            {"v": version.name, "p": read_card(SHIPPED_CHECKPOINT)["version"]},
+        )
+    return version.name
+
+
+def test_a_running_encoder_serves_a_new_promotion(
+    own_db: tuple[Settings, Engine], repo_data: Path, tmp_path: Path
+) -> None:
+    settings, engine = own_db
+    uid = uuid.uuid4().hex[:6]
+    shipped = read_card(SHIPPED_CHECKPOINT)["version"]
+
+    def ingest(folder: str, survey: str, limit: int) -> list[str]:
+        publish_paths(settings, [repo_data / folder], survey=survey, limit=limit)
+        StageRunner(IngestStage(settings, engine, group_id=f"ingest-{uid}"), idle_exit_s=3).start().join(
+            timeout_s=120
+        )
+        with engine.connect() as conn:
+            return [
+                str(r[0]) for r in conn.execute(text("SELECT id FROM tiles WHERE survey = :s"), {"s": survey})
+            ]
+
+    def encode() -> EncodeStage:
+        embedder = Embedder(SHIPPED_CHECKPOINT, device="cpu", batch=8)
+        stage = EncodeStage(settings, engine, embedder, group_id=f"encoder-{uid}", follow_promotions=True)
+        StageRunner(stage, idle_exit_s=3).start().join(timeout_s=300)  # type: ignore[arg-type]
+        return stage
+
+    before = ingest("legacy_dr9_fits", f"follow_a_{uid}", 3)
+    assert encode().version.name == shipped  # nothing promoted yet: the model it was given
+    assert len(_embedded(engine, before, shipped)) == 3
+
+    promoted = _promote_a_candidate(engine, tmp_path)
+    after = ingest("cfhtls_lens_candidates", f"follow_b_{uid}", 5)
+    stage = encode()  # started with the shipped model, as a service that was running all along
+    assert stage.version.name == promoted
+    assert sorted(t for t, _ in _embedded(engine, after, promoted)) == sorted(after)
+    assert _embedded(engine, after, shipped) == []
+    out = [messages.decode("embedded", r.value) for r in read_topic(settings, settings.topics.embedded)]
+    assert {o["model_version"] for o in out if o["tile_id"] in after} == {promoted}
