@@ -85,3 +85,32 @@ def engine(stack_settings: Settings) -> Iterator[Engine]:
 def free_port() -> int:
     """A free port whose successor is free too, for a second local broker."""
     return _free_port_pair()
+
+
+@pytest.fixture
+def own_db(stack_settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[tuple[Settings, Engine]]:
+    """Settings and an engine on a fresh, migrated database of this test, with topics and a data
+    directory (object store, candidate checkpoints) of its own: for tests whose rows would change
+    what other tests see (a promotion changes the model every encoder serves)."""
+    import uuid
+
+    from ingest_support import isolated_settings
+    from sqlalchemy import text
+
+    from db.engine import get_engine, upgrade
+
+    name = f"it_own_{uuid.uuid4().hex[:8]}"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = engine.url.set(database=name).render_as_string(hide_password=False)
+    settings = isolated_settings(stack_settings, "own").model_copy(
+        update={"database_url": url, "data_dir": tmp_path / "data"}
+    )
+    upgrade(settings)
+    eng = get_engine(settings)
+    try:
+        yield settings, eng
+    finally:
+        eng.dispose()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from ingest_support import StageRunner, isolated_settings, wait_for
+from ingest_support import StageRunner, wait_for
 from sqlalchemy import Engine, text
 
-from db.engine import get_engine, upgrade
 from db.hitl import add_labels
 from db.models import HitlLabelCreate
 from encoder.checkpoint import read_card, train_state_path
@@ -46,27 +44,6 @@ pytestmark = pytest.mark.integration
 #: a tiny CPU schedule: the point is the job's path, not a better model
 TRAIN = ["--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--sim-fraction", "0"]
 TRAIN += ["--folds", "3", "--repeats", "1", "--device", "cpu", "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture
-def own_db(stack_settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[tuple[Settings, Engine]]:
-    """Settings and an engine on a fresh, migrated database of this test, with topics and a data
-    directory (object store, candidate checkpoints) of its own."""
-    name = f"it_continual_{uuid.uuid4().hex[:8]}"
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = engine.url.set(database=name).render_as_string(hide_password=False)
-    settings = isolated_settings(stack_settings, "continual").model_copy(
-        update={"database_url": url, "data_dir": tmp_path / "data"}
-    )
-    upgrade(settings)
-    eng = get_engine(settings)
-    try:
-        yield settings, eng
-    finally:
-        eng.dispose()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _cli(argv: list[str], settings: Settings) -> int:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -151,28 +150,6 @@ def test_backfill_embeds_what_is_missing_and_is_restartable(
     assert again == {"embedded": 0, "failed": first["failed"]}
 
 
-@pytest.fixture
-def own_db(stack_settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[tuple[Settings, Engine]]:
-    """A private database, so the promotion this test writes serves no other test."""
-    from db.engine import get_engine, upgrade
-
-    name = f"it_follow_{uuid.uuid4().hex[:8]}"
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = engine.url.set(database=name).render_as_string(hide_password=False)
-    settings = isolated_settings(stack_settings, "follow", batch_size=8).model_copy(
-        update={"database_url": url, "data_dir": tmp_path / "data", "promotion_check_s": 0.0}
-    )
-    upgrade(settings)
-    eng = get_engine(settings)
-    try:
-        yield settings, eng
-    finally:
-        eng.dispose()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def _promote_a_candidate(engine: Engine, tmp_path: Path) -> str:
     """Register a perturbed copy of the shipped LVM and promote it, as the continual job does."""
     import torch
@@ -203,7 +180,8 @@ def _promote_a_candidate(engine: Engine, tmp_path: Path) -> str:
 def test_a_running_encoder_serves_a_new_promotion(
     own_db: tuple[Settings, Engine], repo_data: Path, tmp_path: Path
 ) -> None:
-    settings, engine = own_db
+    settings = own_db[0].model_copy(update={"batch_size": 8, "promotion_check_s": 0.0})
+    engine = own_db[1]
     uid = uuid.uuid4().hex[:6]
     shipped = read_card(SHIPPED_CHECKPOINT)["version"]
 
