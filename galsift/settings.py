@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     #: fsspec URL of the pixel store (``s3://bucket/prefix`` in production); unset -> data_dir/objects
     object_store_url: str | None = None
+    #: a local pixel store syncs each tile file and its directory to the disk before the batch's
+    #: offsets are committed; false trades power-loss durability for speed (e.g. on a volume that
+    #: is replicated or battery-backed below the filesystem)
+    store_fsync: bool = True
     #: most records a consumer takes per batch (a poll returns what is there, up to this): large
     #: batches amortise the per-batch round trips (upsert, produce acknowledgement, commit)
     batch_size: int = Field(default=256, ge=1, le=10_000)

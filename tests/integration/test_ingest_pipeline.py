@@ -50,8 +50,17 @@ def test_real_tiles_are_stored_once_with_wcs_positions_and_exact_pixels(
     n = 43
 
     stage = IngestStage(settings, engine, group_id=f"ingest-{uid}")
+    synced: list[str] = []  # the keys whose directories the stage synced before committing
+    sync_dirs = stage.store.sync_dirs
+
+    def record_sync(keys: list[str]) -> None:
+        synced.extend(keys)
+        sync_dirs(keys)
+
+    stage.store.sync_dirs = record_sync  # type: ignore[method-assign]
     counters = StageRunner(stage, idle_exit_s=5.0).start().join(timeout_s=300)
     assert (counters.consumed, counters.accepted, counters.rejected) == (n, n, 0)
+    assert stage.store.durable and len(set(synced)) == n  # every tile's name made durable
 
     surveys = [dr9, lens, gz]
     assert count_tiles(engine, surveys) == (n, n)

@@ -86,3 +86,41 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
         store.put_bytes("tiles/s/b.npy", b"x" * 1000)
     assert err.value.errno == errno.ENOSPC
     assert list((tmp_path / "tiles" / "s").iterdir()) == []
+
+
+def test_durable_writes_sync_data_before_the_name_and_each_directory_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_replace = os.replace
+
+    def fdatasync(fd: int) -> None:
+        synced.append("data:" + os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1])
+
+    def fsync(fd: int) -> None:
+        synced.append("dir:" + os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1])
+
+    def replace(src: str, dst: str) -> None:
+        synced.append("rename:" + dst.rsplit("/", 1)[1])
+        real_replace(src, dst)
+
+    monkeypatch.setattr("galsift.objectstore.os.fdatasync", fdatasync)
+    monkeypatch.setattr("galsift.objectstore.os.fsync", fsync)
+    monkeypatch.setattr("galsift.objectstore.os.replace", replace)
+    store = ObjectStore(f"file://{tmp_path}")
+    keys = ["tiles/a/1.npy", "tiles/a/2.npy", "tiles/b/3.npy"]
+    for key in keys:
+        store.put_bytes(key, b"x" * 100)
+    store.sync_dirs(keys)
+    # each file's data is on the disk before it has its name; each directory is synced once
+    assert synced[0].startswith("data:1.npy.") and synced[0].endswith(".tmp")  # the temporary name
+    assert synced[1] == "rename:1.npy"
+    assert [s for s in synced if s.startswith("rename")] == ["rename:1.npy", "rename:2.npy", "rename:3.npy"]
+    assert sum(s.startswith("data:") for s in synced) == 3
+    assert [s for s in synced if s.startswith("dir:")] == ["dir:a", "dir:b"]
+
+    synced.clear()
+    fast = ObjectStore(f"file://{tmp_path}", durable=False)
+    fast.put_bytes("tiles/c/4.npy", b"y" * 10)
+    fast.sync_dirs(["tiles/c/4.npy"])
+    assert synced == ["rename:4.npy"]
