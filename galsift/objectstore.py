@@ -32,8 +32,9 @@ class ObjectStore:
         fsspec URL of the store root, e.g. ``file:///srv/galsift/objects`` or ``s3://bucket/galsift``.
     durable
         Local stores only: each file's data is flushed to the disk before it gets its name
-        (``fdatasync``), and :meth:`sync_dirs` flushes the names. Without it a power loss (not a process crash: the page cache survives those) can lose files whose
-        rows and offsets were already committed. Remote stores are durable when a write returns.
+        (``fdatasync``), and :meth:`sync_dirs` flushes the names. Without it a power loss (not
+        a process crash: the page cache survives those) can lose files whose rows and offsets
+        were already committed. Remote stores are durable when a write returns.
     """
 
     def __init__(self, root_url: str, *, durable: bool = True) -> None:

@@ -71,7 +71,7 @@ def healpix_index(ra: float | None, dec: float | None, *, order: int = HEALPIX_O
 #: threads hashing, writing and syncing pixels. Hashing and writing release the GIL; syncing
 #: (``fdatasync``, see :class:`~galsift.objectstore.ObjectStore`) mostly waits for the disk, and
 #: concurrent syncs share the filesystem's journal commits: with 8 threads the durable stage ran
-#: at 331-392 tiles/s against 327-342 with 2 (``bench ingest``, README)
+#: at 347-452 tiles/s (median 394) against 327-342 with 2 (``bench ingest``, README)
 STORE_THREADS = 8
 
 
