@@ -26,7 +26,7 @@ sees little contrast and gives it too little weight in the pool; the rank of the
 keeps it from being outvoted. With the near-duplicate bound of :mod:`hitl.acquisition` at 0.9999,
 the fused order found more rings than the pooled order with the bound at 0.985 in every round
 from round 3 on, in the ring pool and both of its halves (replay of the engine's rounds on the
-pools' embeddings, 20 seed draws), and as many lenses within a ring's width (0.5-1 fewer in
+pools' embeddings, 20 seed draws), and about as many lenses (0.5-1 fewer in
 rounds 3-5, 1.5 more by round 10). The probability stays the pooled one: it is what saved
 searches threshold and what the uncertainty pick reads.
 
