@@ -35,6 +35,7 @@ from db.models import DetectionCreate
 from db.repo import DbRecorder
 from detectors.alerts import KnownLenses, ScoredTile, alert_messages, build_alerts
 from detectors.lens_head import VARIANT as HEAD_VARIANT
+from detectors.lens_head import rendering_of
 from galsift.objectstore import ObjectStore
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Rejected, Stage
@@ -115,6 +116,8 @@ class DetectStage(Stage[tuple[str, str]]):
                 "the lens head reads the lens finder's score: it needs the finder it was fitted on"
             )
         self.head = head
+        #: encoder versions whose composites the head had to leave to the finder (warned once each)
+        self.head_passed_over: set[str] = set()
         self.store = store or ObjectStore(settings.pixel_store_url)
 
     @property
@@ -261,6 +264,23 @@ class DetectStage(Stage[tuple[str, str]]):
             for t in tiles
             if t.tile_id in finder and head.applies_to(encoder_version=t.encoder_version, dtype=t.dtype)
         ]
+        for t in tiles:
+            # a rendering it knows, embedded by another encoder (a promoted LVM): say so once, since
+            # these tiles' lens scores fall back to the finder's until a head is fitted on it
+            if (
+                t.encoder_version != head.encoder_version
+                and head.applies_to(encoder_version=head.encoder_version, dtype=t.dtype)
+                and t.encoder_version not in self.head_passed_over
+            ):
+                self.head_passed_over.add(t.encoder_version)
+                log.warning(
+                    "lens head %s was fitted on encoder %s: %s tiles embedded by %s keep the finder's "
+                    "lens score until `galsift train lens-head` fits a head on that encoder",
+                    head.version,
+                    head.encoder_version,
+                    rendering_of(t.dtype),
+                    t.encoder_version,
+                )
         if not usable:
             return {}
         found = np.asarray([finder[t.tile_id][0] for t in usable])

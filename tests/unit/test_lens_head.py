@@ -147,7 +147,9 @@ def _to_score(name: str, *, dtype: str, encoder: str = "enc-1", d: int = 8) -> A
     )
 
 
-def test_the_service_scores_with_the_head_only_the_renderings_it_was_trained_on(tmp_path: Path) -> None:
+def test_the_service_scores_with_the_head_only_the_renderings_it_was_trained_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from types import SimpleNamespace
 
     from detectors.alerts import KnownLenses
@@ -177,6 +179,11 @@ def test_the_service_scores_with_the_head_only_the_renderings_it_was_trained_on(
     assert (row.detector, row.label, row.model_version) == (HEAD_DETECTOR, "lens", head.version)
     assert row.extra == {"finder_score": 0.3, "finder_version": "lens-1"}
     assert rows[flux.tile_id] == rows[other.tile_id] == []
+    # composites of another encoder (after a promotion) are named once, flux tiles never
+    assert stage.head_passed_over == {"enc-2"}
+    assert [r.message.count("enc-2") for r in caplog.records if "lens head" in r.message] == [1]
+    stage._head_scores([other], scores, rows)
+    assert sum("lens head" in r.message for r in caplog.records) == 1
     # a head reads its own finder's score: any other finder is refused at start-up
     with pytest.raises(ValueError, match="finder it was fitted on"):
         DetectStage(
