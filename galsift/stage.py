@@ -247,6 +247,8 @@ class Stage(ABC, Generic[P]):
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._last_stats = self._last_lag = self._last_log = 0.0
+        #: recording stats (the one database call of an idle stage) failed: /healthz says so
+        self._stats_down = False
         #: the fault being ridden out, if any (logged once when it starts and once when it ends)
         self._fault: str | None = None
         self._fault_since = 0.0
@@ -648,7 +650,19 @@ class Stage(ABC, Generic[P]):
         try:
             self.record_stats()
         except Exception as exc:  # counters are for operators; never stop the stream for them
-            log.warning("%s: could not record stats: %s", self.name, str(exc).splitlines()[0][:200])
+            text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            log.warning("%s: could not record stats: %s", self.name, text)
+            if self._store_down(exc) and not self._stats_down:
+                # an idle stage touches the database only here: without this its /healthz would
+                # say ok through an outage that the next batch will run into
+                self._stats_down = True
+                metrics.HEALTH.fault(self.name, f"database: {type(exc).__name__}: {text}")
+        else:
+            if self._stats_down:
+                self._stats_down = False
+                log.warning("%s: the database answers again", self.name)
+                if self._fault is None:  # a fault of the stream itself clears when a batch goes through
+                    metrics.HEALTH.ok(self.name)
         if now - self._last_log >= 10:
             self._last_log = now
             log.info(

@@ -384,3 +384,31 @@ def test_overlap_run_commits_the_last_batch_on_exit() -> None:
         "close",
     ]
     assert stage.counters.consumed == 4
+
+
+class StatsOnAFlakyDatabase(Doubler):
+    """Its stats go to a database that is down until ``up`` is set."""
+
+    up = False
+
+    def record_stats(self) -> None:
+        if not self.up:
+            from sqlalchemy.exc import OperationalError
+
+            raise OperationalError(
+                "INSERT INTO stage_stats", {}, ConnectionRefusedError("connection refused")
+            )
+
+
+def test_an_idle_stage_reports_a_database_outage_on_its_health() -> None:
+    from galsift import metrics
+
+    stage = StatsOnAFlakyDatabase(FakeConsumer([]))
+    metrics.HEALTH.ok("doubler")
+    assert stage.run_once() == 0  # idle: nothing polled, so the stats are its only database call
+    healthy, text = metrics.HEALTH.report()
+    assert not healthy and "doubler: database: OperationalError" in text
+    stage.up = True
+    stage._last_stats = 0.0  # the next idle round records again
+    assert stage.run_once() == 0
+    assert metrics.HEALTH.report()[0]
