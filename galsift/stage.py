@@ -247,10 +247,10 @@ class Stage(ABC, Generic[P]):
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._last_stats = self._last_lag = self._last_log = 0.0
-        #: recording stats (the one database call of an idle stage) failed: /healthz says so
-        self._stats_down = False
         #: the fault being ridden out, if any (logged once when it starts and once when it ends)
         self._fault: str | None = None
+        #: the fault was seen by recording stats while idle (a record that succeeds clears it)
+        self._fault_from_stats = False
         self._fault_since = 0.0
         #: overlap mode: the batch being written on the writer thread
         self._inflight: tuple[Batch[P], Future[None]] | None = None
@@ -347,7 +347,7 @@ class Stage(ABC, Generic[P]):
                         time.monotonic() - self._fault_since,
                         self._fault,
                     )
-                    self._fault = None
+                    self._fault, self._fault_from_stats = None, False
                     metrics.HEALTH.ok(self.name)
                     backoff = 1.0
                 if n:
@@ -565,6 +565,7 @@ class Stage(ABC, Generic[P]):
             log.warning("%s FAULT, will retry and replay the uncommitted batch: %s", self.name, text)
         else:
             log.debug("%s still failing: %s", self.name, text)
+        self._fault_from_stats = False  # the stream fails too: only a batch that goes through clears it
         self._drop_clients()
 
     def _drop_clients(self) -> None:
@@ -651,18 +652,27 @@ class Stage(ABC, Generic[P]):
             self.record_stats()
         except Exception as exc:  # counters are for operators; never stop the stream for them
             text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            log.warning("%s: could not record stats: %s", self.name, text)
-            if self._store_down(exc) and not self._stats_down:
+            if self._store_down(exc) and self._fault is None:
                 # an idle stage touches the database only here: without this its /healthz would
-                # say ok through an outage that the next batch will run into
-                self._stats_down = True
-                metrics.HEALTH.fault(self.name, f"database: {type(exc).__name__}: {text}")
+                # say ok through an outage that its next batch will run into. It is the stream's
+                # fault state (one FAULT line, one RECOVERED line), cleared by the next record
+                # that succeeds or, if the stream fails too meanwhile, by its next batch
+                self._fault, self._fault_since = f"database: {type(exc).__name__}: {text}", time.monotonic()
+                self._fault_from_stats = True
+                metrics.HEALTH.fault(self.name, self._fault)
+                log.warning("%s FAULT while idle, recording its stats: %s", self.name, text)
+            else:
+                log.warning("%s: could not record stats: %s", self.name, text)
         else:
-            if self._stats_down:
-                self._stats_down = False
-                log.warning("%s: the database answers again", self.name)
-                if self._fault is None:  # a fault of the stream itself clears when a batch goes through
-                    metrics.HEALTH.ok(self.name)
+            if self._fault is not None and self._fault_from_stats:
+                log.warning(
+                    "%s RECOVERED after %.1f s (%s)",
+                    self.name,
+                    time.monotonic() - self._fault_since,
+                    self._fault,
+                )
+                self._fault, self._fault_from_stats = None, False
+                metrics.HEALTH.ok(self.name)
         if now - self._last_log >= 10:
             self._last_log = now
             log.info(

@@ -400,7 +400,7 @@ class StatsOnAFlakyDatabase(Doubler):
             )
 
 
-def test_an_idle_stage_reports_a_database_outage_on_its_health() -> None:
+def test_an_idle_stage_reports_a_database_outage_on_its_health(caplog: pytest.LogCaptureFixture) -> None:
     from galsift import metrics
 
     stage = StatsOnAFlakyDatabase(FakeConsumer([]))
@@ -408,7 +408,13 @@ def test_an_idle_stage_reports_a_database_outage_on_its_health() -> None:
     assert stage.run_once() == 0  # idle: nothing polled, so the stats are its only database call
     healthy, text = metrics.HEALTH.report()
     assert not healthy and "doubler: database: OperationalError" in text
+    stage._last_stats = 0.0
+    assert stage.run_once() == 0  # still down: no second FAULT line
     stage.up = True
     stage._last_stats = 0.0  # the next idle round records again
     assert stage.run_once() == 0
     assert metrics.HEALTH.report()[0]
+    # one FAULT and one RECOVERED line for the outage, as a failing stream logs them
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("doubler FAULT" in line for line in lines) == 1
+    assert sum("doubler RECOVERED" in line for line in lines) == 1
