@@ -341,14 +341,7 @@ class Stage(ABC, Generic[P]):
                     idle_since = time.monotonic()
                     continue
                 if self._fault is not None and n:
-                    log.warning(
-                        "%s RECOVERED after %.1f s (%s)",
-                        self.name,
-                        time.monotonic() - self._fault_since,
-                        self._fault,
-                    )
-                    self._fault, self._fault_from_stats = None, False
-                    metrics.HEALTH.ok(self.name)
+                    self._recovered()
                     backoff = 1.0
                 if n:
                     batches += 1
@@ -568,6 +561,13 @@ class Stage(ABC, Generic[P]):
         self._fault_from_stats = False  # the stream fails too: only a batch that goes through clears it
         self._drop_clients()
 
+    def _recovered(self) -> None:
+        """Leave the fault state: one RECOVERED line, healthy again."""
+        since = time.monotonic() - self._fault_since
+        log.warning("%s RECOVERED after %.1f s (%s)", self.name, since, self._fault)
+        self._fault, self._fault_from_stats = None, False
+        metrics.HEALTH.ok(self.name)
+
     def _drop_clients(self) -> None:
         """Close the Kafka clients without committing; the next batch makes new ones."""
         self._abandon_inflight()
@@ -665,14 +665,7 @@ class Stage(ABC, Generic[P]):
                 log.warning("%s: could not record stats: %s", self.name, text)
         else:
             if self._fault is not None and self._fault_from_stats:
-                log.warning(
-                    "%s RECOVERED after %.1f s (%s)",
-                    self.name,
-                    time.monotonic() - self._fault_since,
-                    self._fault,
-                )
-                self._fault, self._fault_from_stats = None, False
-                metrics.HEALTH.ok(self.name)
+                self._recovered()
         if now - self._last_log >= 10:
             self._last_log = now
             log.info(
