@@ -269,7 +269,7 @@ class DetectStage(Stage[tuple[str, str]]):
             # these tiles' lens scores fall back to the finder's until a head is fitted on it
             if (
                 t.encoder_version != head.encoder_version
-                and head.applies_to(encoder_version=head.encoder_version, dtype=t.dtype)
+                and rendering_of(t.dtype) in head.renderings
                 and t.encoder_version not in self.head_passed_over
             ):
                 self.head_passed_over.add(t.encoder_version)

@@ -746,6 +746,7 @@ def _run(
     settings: Settings, engine: Engine, cfg: ContinualConfig, *, run_id: int, metrics: dict[str, Any]
 ) -> ContinualResult:
     from db import repo
+    from db.jobs import record_promotion
     from encoder.service import Embedder, backfill, model_version_for
 
     t0 = time.perf_counter()
@@ -874,7 +875,14 @@ def _run(
         f"continual pretraining on {metrics['training']['tiles_read']} of {new} new tiles: mean AUC change "
         f"{mean_delta:+.4f} >= {cfg.margin} ({summary})"
     )
-    _insert_promotion(engine, version.name, current.version.name, reason, _finite(metrics["comparison"]))
+    record_promotion(
+        engine,
+        role=ROLE,
+        model_version=version.name,
+        previous=current.version.name,
+        reason=reason,
+        metrics=_finite(metrics["comparison"]),
+    )
     # after the promotion row: a killed backfill then leaves the serving version with missing
     # vectors, which the next run (or galsift encode --backfill) completes
     metrics["backfill"] = backfill(engine, Embedder(out, device=device), progress=cfg.progress)
@@ -885,21 +893,6 @@ def _run(
     res.detail = f"promoted {version.name} (previous {current.version.name}): {reason}"
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     return res
-
-
-def _insert_promotion(
-    engine: Engine, version: str, previous: str, reason: str, metrics: dict[str, Any]
-) -> None:
-    from sqlalchemy import text
-
-    with engine.begin() as c:
-        c.execute(
-            text(
-                "INSERT INTO promotions (role, model_version, previous, reason, metrics) "
-                "VALUES (:role, :v, :p, :r, CAST(:m AS jsonb))"
-            ),
-            {"role": ROLE, "v": version, "p": previous, "r": reason, "m": json.dumps(metrics)},
-        )
 
 
 # --------------------------------------------------------------------------- CLI

@@ -155,6 +155,7 @@ def _promote_a_candidate(engine: Engine, tmp_path: Path) -> str:
     import torch
 
     from db import repo
+    from db.jobs import record_promotion
     from encoder.checkpoint import load_model, save_checkpoint
     from encoder.serving import model_version_for
 
@@ -166,14 +167,10 @@ def _promote_a_candidate(engine: Engine, tmp_path: Path) -> str:
     path = tmp_path / "candidate.safetensors"
     save_checkpoint(path, model, card={"note": "a promotion in a test"})
     version = repo.register_model_version(engine, model_version_for(path))
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO promotions (role, model_version, previous, reason, metrics) "
-                "VALUES ('lvm', :v, :p, 'test', '{}')"
-            ),
-            {"v": version.name, "p": read_card(SHIPPED_CHECKPOINT)["version"]},
-        )
+    previous = read_card(SHIPPED_CHECKPOINT)["version"]
+    record_promotion(
+        engine, role="lvm", model_version=version.name, previous=previous, reason="test", metrics={}
+    )
     return version.name
 
 
