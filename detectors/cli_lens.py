@@ -240,6 +240,18 @@ def _add_train_head(groups: CommandGroups) -> None:
         "--detector", type=Path, default=None, help="lens finder checkpoint (default: the shipped one)"
     )
     p.add_argument("--encoder", type=Path, default=None, help="encoder checkpoint (default: the shipped one)")
+    p.add_argument(
+        "--target",
+        default=None,
+        metavar="DIR",
+        help="folder (of --positives/--negatives) of the survey the head is judged on: its images "
+        "weigh as much as all the others together",
+    )
+    p.add_argument(
+        "--field-only",
+        action="store_true",
+        help="read the stored embedding alone (no centre view, no colour rings: the format-1 head)",
+    )
     p.add_argument("--c", type=float, default=DEFAULT_C, help="inverse regularisation (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting folds")
     p.add_argument("--out", type=Path, default=DEFAULT_LENS_HEAD, help="card path (default: %(default)s)")
@@ -251,7 +263,7 @@ def _add_train_head(groups: CommandGroups) -> None:
 
 def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
     from detectors.lens_data import NegativeSpec
-    from detectors.lens_head import LensHeadError, fit_lens_head, load_labelled
+    from detectors.lens_head import LensHeadError, fit_lens_head, load_labelled, views_of
     from detectors.lensfinder import DEFAULT_ENCODER_CHECKPOINT, LensFinder
     from encoder import checkpoint
 
@@ -274,6 +286,10 @@ def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
             finder_images = load_labelled(
                 pos, neg, size=finder.image_size, fraction=args.fraction, cache_dir=cache
             ).images
+        views = None
+        if not args.field_only:
+            detail = load_labelled(pos, neg, size=2 * model.img_size, fraction=args.fraction, cache_dir=cache)
+            views = views_of(detail.images, model.embed_array)
         head = fit_lens_head(
             model.embed_array(labelled.images),
             finder.scores(finder_images),
@@ -283,15 +299,18 @@ def _cmd_train_head(args: argparse.Namespace, settings: Settings) -> int:
             data=labelled.data,
             c=args.c,
             seed=args.seed,
+            views=views,
+            target=args.target,
         )
     except _user_errors() as exc:
         return _fail("train lens-head", exc)
     head.save(args.out)
     m = head.card["metrics"]
+    target = f"; among the target's {m['cross_fitted_auroc_target']:.3f}" if args.target else ""
     print(
         f"{head.version}: {m['n_lenses']} lenses, {m['n_non_lenses']} non-lenses; cross-fitted AUROC "
-        f"{m['cross_fitted_auroc']:.3f} (without the finder's score {m['cross_fitted_auroc_without_finder']:.3f}; "
-        f"the finder alone {m['finder_auroc']:.3f}) -> {args.out}"
+        f"{m['cross_fitted_auroc']:.3f}{target} (without the finder's score "
+        f"{m['cross_fitted_auroc_without_finder']:.3f}; the finder alone {m['finder_auroc']:.3f}) -> {args.out}"
     )
     return 0
 

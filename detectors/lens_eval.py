@@ -197,8 +197,11 @@ def run_lens_eval(
     for h in heads:
         finder = by_version[h.head.detector_version]
         image_set, positive, negative, n_out = graded(h.size)
-        embeddings = h.embed(image_set.images[positive | negative])
-        scores = h.head.predict(embeddings, finder_scores[finder.version])
+        use = positive | negative
+        embeddings = h.embed(image_set.images[use])
+        # a head that reads the tiles' centres sees the same images at twice the side
+        views = lens_head.views_of(graded(2 * h.size)[0].images[use], h.embed) if h.head.reads_views else None
+        scores = h.head.predict(embeddings, finder_scores[finder.version], views)
         rows.append(
             row(h.head.version, f"{finder.backbone} + real-label head", scores, positive, negative, n_out)
         )

@@ -35,7 +35,7 @@ from db.models import DetectionCreate
 from db.repo import DbRecorder
 from detectors.alerts import KnownLenses, ScoredTile, alert_messages, build_alerts
 from detectors.lens_head import VARIANT as HEAD_VARIANT
-from detectors.lens_head import rendering_of
+from detectors.lens_head import rendering_of, views_of
 from galsift.objectstore import ObjectStore
 from galsift.settings import Settings
 from galsift.stage import Envelope, Output, Rejected, Stage
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from detectors.lens_head import LensHead
     from detectors.lensfinder import LensFinder
     from detectors.morphology import MorphologyHeads
+    from encoder.models import LVM
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class DetectStage(Stage[tuple[str, str]]):
     head
         The real-label lens head, or None; it scores (and gives the lens score of) the tiles it
         applies to (:meth:`detectors.lens_head.LensHead.applies_to`), the finder the others.
+    head_encoder
+        The encoder of the head's version (:func:`load_head_encoder`): it embeds the centres of
+        the tiles for a head that reads them (:attr:`detectors.lens_head.LensHead.reads_views`).
     store
         Object store for lens masks; by default ``ObjectStore(settings.pixel_store_url)``.
     """
@@ -101,6 +105,7 @@ class DetectStage(Stage[tuple[str, str]]):
         morphology: MorphologyHeads | None,
         known: KnownLenses,
         head: LensHead | None = None,
+        head_encoder: LVM | None = None,
         store: ObjectStore | None = None,
         **kw: Any,
     ) -> None:
@@ -115,7 +120,10 @@ class DetectStage(Stage[tuple[str, str]]):
             raise ValueError(
                 "the lens head reads the lens finder's score: it needs the finder it was fitted on"
             )
+        if head is not None and head.reads_views and head_encoder is None:
+            raise ValueError(f"lens head {head.version} reads the tiles' centres: it needs its encoder")
         self.head = head
+        self.head_encoder = head_encoder
         #: encoder versions whose composites the head had to leave to the finder (warned once each)
         self.head_passed_over: set[str] = set()
         self.store = store or ObjectStore(settings.pixel_store_url)
@@ -284,7 +292,12 @@ class DetectStage(Stage[tuple[str, str]]):
         if not usable:
             return {}
         found = np.asarray([finder[t.tile_id][0] for t in usable])
-        probability = head.predict(np.stack([t.embedding for t in usable]), found)
+        views = None
+        if head.reads_views and self.head_encoder is not None:
+            # the centre view and the colour rings come from the tile at twice the encoder's side
+            detail, _ = self._images(usable, 2 * int(self.head_encoder.img_size))
+            views = views_of(detail, self.head_encoder.embed_array)
+        probability = head.predict(np.stack([t.embedding for t in usable]), found, views)
         out: dict[str, tuple[float, str, str]] = {}
         for t, p, f in zip(usable, probability, found, strict=True):
             out[t.tile_id] = (float(p), head.version, HEAD_DETECTOR)
@@ -390,6 +403,35 @@ def load_head(settings: Settings, lens: LensFinder) -> tuple[LensHead | None, Pa
     return head, path
 
 
+def load_head_encoder(engine: Engine, head: LensHead, *, device: str = "cpu") -> LVM:
+    """The encoder a head's views are embedded with: the checkpoint of its encoder version.
+
+    The version's registered checkpoint (``model_versions``), else the shipped encoder's.
+
+    Raises
+    ------
+    detectors.lens_head.LensHeadError
+        If neither checkpoint is of the head's encoder version, or it cannot be loaded.
+    """
+    from db.repo import get_model_version
+    from detectors.lens_head import LensHeadError
+    from detectors.lensfinder import DEFAULT_ENCODER_CHECKPOINT
+    from encoder.checkpoint import CheckpointError, load_model
+    from encoder.serving import checkpoint_path
+
+    registered = get_model_version(engine, head.encoder_version)
+    path = checkpoint_path(registered) if registered is not None else DEFAULT_ENCODER_CHECKPOINT
+    try:
+        model, card = load_model(path, device=device)
+    except (CheckpointError, OSError) as exc:
+        raise LensHeadError(f"the encoder of lens head {head.version}: {exc}") from exc
+    if card.get("version") != head.encoder_version:
+        raise LensHeadError(
+            f"lens head {head.version} reads encoder {head.encoder_version}; {path} is {card.get('version')}"
+        )
+    return model.eval()
+
+
 def run(
     settings: Settings,
     *,
@@ -403,6 +445,7 @@ def run(
     import torch
 
     from db.engine import get_engine
+    from detectors.lens_head import LensHeadError
     from detectors.lensfinder import LensFinder
     from detectors.morphology import MorphologyHeads
     from detectors.retrain import promoted_heads_path
@@ -417,6 +460,13 @@ def run(
     morphology_path = morphology_path or promoted_heads_path(engine)
     morphology = MorphologyHeads.load(morphology_path, engine=engine)
     head, head_path = load_head(settings, lens)
+    head_encoder = None
+    if head is not None and head.reads_views:
+        try:
+            head_encoder = load_head_encoder(engine, head, device=device)
+        except LensHeadError as exc:
+            log.warning("detector: lens head not used: %s", exc)
+            head = None
     register_versions(
         engine,
         lens=lens,
@@ -433,6 +483,7 @@ def run(
         morphology=morphology,
         known=KnownLenses.from_lenscat(),
         head=head,
+        head_encoder=head_encoder,
         group_id=group,
     )
     log.info(

@@ -26,7 +26,7 @@ from detectors.alerts import KnownLenses
 from detectors.lensfinder import LensFinder
 from detectors.morphology import MorphologyHeads
 from detectors.notify import deliver_due
-from detectors.service import DetectStage, load_head, register_versions
+from detectors.service import DetectStage, load_head, load_head_encoder, register_versions
 from encoder.service import SHIPPED_CHECKPOINT, Embedder, EncodeStage
 from encoder.sim import simulate_galaxy, simulate_lens
 from galsift import messages
@@ -173,9 +173,17 @@ def test_lenses_alert_once_galaxies_never_and_known_lenses_are_marked(
     morphology = MorphologyHeads.load()
     head, head_path = load_head(settings, lens)
     assert head is not None, "the shipped lens head reads the shipped finder's score"
+    assert head.reads_views, "and the centres of the tiles, embedded by its encoder"
     register_versions(engine, lens=lens, morphology=morphology, head=head, head_path=head_path)
     stage = DetectStage(
-        settings, engine, lens=lens, morphology=morphology, known=known, head=head, group_id=f"det-{uid}"
+        settings,
+        engine,
+        lens=lens,
+        morphology=morphology,
+        known=known,
+        head=head,
+        head_encoder=load_head_encoder(engine, head),
+        group_id=f"det-{uid}",
     )
     StageRunner(stage, idle_exit_s=3).start().join(timeout_s=300)
 

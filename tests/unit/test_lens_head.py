@@ -11,7 +11,19 @@ import numpy as np
 import pytest
 
 from detectors.lens_data import NegativeSpec, in_training_share
-from detectors.lens_head import LensHead, LensHeadError, fit_lens_head, load_labelled, trained_files
+from detectors.lens_head import (
+    LensHead,
+    LensHeadError,
+    Views,
+    centre_view,
+    domain_weights,
+    fit_lens_head,
+    in_folder,
+    load_labelled,
+    ring_profile,
+    trained_files,
+    views_of,
+)
 
 
 def _separable(n: int = 80, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,6 +81,97 @@ def test_saved_head_predicts_the_same_and_checks_what_it_reads(tmp_path: Path) -
         LensHead.load(path)
 
 
+def _ringed(n: int, seed: int, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3, side, side) fields: a red disc at the centre of every one, a faint blue ring round half of them."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = rng.normal(0.0, 0.05, size=(n, 3, side, side))
+    yy, xx = np.mgrid[:side, :side]
+    r = np.hypot(yy - (side - 1) / 2, xx - (side - 1) / 2) / side
+    x[:, 0, r < 0.03] += 1.0  # the red deflector
+    ring = (r >= 0.06) & (r < 0.10)
+    x[:, 2, ring] += 0.3 * y[:, None]  # the blue arc, in the B channel
+    x[:, 2] += rng.normal(0.0, 0.05, size=(n, 1, 1))  # fields differ in overall colour far more
+    return x, y
+
+
+def _embed(x: np.ndarray) -> np.ndarray:
+    # a stand-in encoder that sees only the field's overall colour, not where the light is (the
+    # ring covers 2% of the field: its colour is lost in the fields' spread)
+    return np.asarray(x, np.float64).mean(axis=(2, 3))
+
+
+def test_centre_view_and_ring_profile_read_the_middle_of_the_field() -> None:
+    x = np.arange(2 * 3 * 8 * 8, dtype=np.float32).reshape(2, 3, 8, 8)
+    centre = centre_view(x)
+    assert centre.shape == (2, 3, 4, 4) and (centre == x[..., 2:6, 2:6]).all()
+    with pytest.raises(LensHeadError, match="multiple of 4"):
+        centre_view(x[..., :6, :6])
+    fields, y = _ringed(20, seed=0)
+    rings = ring_profile(fields)
+    assert rings.shape == (20, 32)
+    blue_minus_red = rings[:, 15:20]  # per ring, in RING_EDGES order
+    # the blue ring is in the third ring, the red disc in the first
+    assert blue_minus_red[y == 1, 2].mean() > blue_minus_red[y == 0, 2].mean() + 0.2
+    assert (blue_minus_red[:, 0] < -0.5).all()
+
+
+def test_a_head_that_reads_the_views_finds_what_the_field_embedding_misses(tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    train, y = _ringed(120, seed=1)
+    test, y_test = _ringed(80, seed=2)
+    finder = np.full(len(y), 0.5)
+    args = {"encoder_version": "enc-1", "detector_version": "lens-1", "data": [{"folder": "x", "files": []}]}
+    field_only = fit_lens_head(_embed(train), finder, y, **args)  # type: ignore[arg-type]
+    with_views = fit_lens_head(_embed(train), finder, y, views=views_of(train, _embed), **args)  # type: ignore[arg-type]
+    assert not field_only.reads_views and with_views.reads_views
+    assert with_views.card["views"] == ["field", "centre", "rings"]
+    views = views_of(test, _embed)
+    auroc_views = roc_auc_score(y_test, with_views.predict(_embed(test), finder[: len(y_test)], views))
+    auroc_field = roc_auc_score(y_test, field_only.predict(_embed(test), finder[: len(y_test)]))
+    assert auroc_views > 0.95 and auroc_field < auroc_views - 0.2
+    with pytest.raises(LensHeadError, match="views"):
+        with_views.predict(_embed(test), finder[: len(y_test)])
+    # the projection travels with the card and is part of the version
+    path = tmp_path / "head.json"
+    with_views.save(path)
+    again = LensHead.load(path)
+    assert again.version == with_views.version and again.reads_views
+    np.testing.assert_allclose(
+        again.predict(_embed(test), finder[: len(y_test)], views),
+        with_views.predict(_embed(test), finder[: len(y_test)], views),
+    )
+    doc = json.loads(path.read_text())
+    doc["weights"]["view_components"][0][0] += 1.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LensHeadError, match="the card says"):
+        LensHead.load(path)
+    short = Views(views.centre[:, :1], views.rings)
+    with pytest.raises(LensHeadError, match="dimensions"):
+        with_views.predict(_embed(test), finder[: len(y_test)], short)
+
+
+def test_the_target_survey_weighs_as_much_as_the_other_sources(tmp_path: Path) -> None:
+    data = [
+        {"folder": str(tmp_path / "cfhtls"), "files": ["a", "b"]},
+        {"folder": str(tmp_path / "zoo"), "files": ["c", "d", "e", "f", "g", "h"]},
+        {"folder": str(tmp_path / "cfhtls"), "files": ["i", "j"]},
+    ]
+    mask = in_folder(data, str(tmp_path / "cfhtls"))
+    assert mask.tolist() == [True, True] + [False] * 6 + [True, True]
+    w = domain_weights(mask)
+    assert w[mask].sum() == pytest.approx(w[~mask].sum()) and (w[~mask] == 1).all()
+    with pytest.raises(LensHeadError, match="need some of both"):
+        domain_weights(np.zeros(4, bool))
+    emb, finder, y = _separable(n=10)
+    head = fit_lens_head(
+        emb, finder, y, encoder_version="e", detector_version="d", data=data, target=str(tmp_path / "cfhtls")
+    )
+    assert head.card["target"] == str(tmp_path / "cfhtls")
+    assert "cross_fitted_auroc_target" in head.card["metrics"]
+
+
 def test_one_class_is_refused() -> None:
     emb, finder, _ = _separable()
     with pytest.raises(LensHeadError, match="lenses and non-lenses"):
@@ -109,11 +212,29 @@ def test_eval_lens_scores_the_head_on_images_nobody_trained_on(small_lenses: Pat
         detector_version=finder.version,
         data=train.data,
     )
+    detail = load_labelled(pos, neg, size=2 * model.img_size, fraction=0.5)
+    viewing = fit_lens_head(
+        model.embed_array(train.images),
+        finder.scores(train.images),
+        train.labels,
+        encoder_version=card["version"],
+        detector_version=finder.version,
+        data=train.data,
+        views=views_of(detail.images, model.embed_array),
+    )
     scorer = HeadScorer(head, model.embed_array, model.img_size)
     run = run_lens_eval(
-        small_lenses, [finder], score_col="lens", positive_min=1, negative_max=0, heads=[scorer]
+        small_lenses,
+        [finder],
+        score_col="lens",
+        positive_min=1,
+        negative_max=0,
+        heads=[scorer, HeadScorer(viewing, model.embed_array, model.img_size)],
     )
-    finder_row, head_row = run.rows
+    finder_row, head_row, viewing_row = run.rows
+    # the head that reads the centres is scored on the same images, with its views
+    assert viewing_row["model"] == viewing.version and viewing.reads_views
+    assert viewing_row["n_positive"] == head_row["n_positive"] and 0.0 <= viewing_row["auroc"] <= 1.0
     assert head_row["model"] == head.version and head_row["backbone"] == "lvm + real-label head"
     # both rows on the same held-out images: the head's training share is left out of both
     assert finder_row["n_excluded"] == head_row["n_excluded"] >= len(train.labels)
@@ -184,6 +305,19 @@ def test_the_service_scores_with_the_head_only_the_renderings_it_was_trained_on(
     assert [r.message.count("enc-2") for r in caplog.records if "lens head" in r.message] == [1]
     stage._head_scores([other], scores, rows)
     assert sum("lens head" in r.message for r in caplog.records) == 1
+    # a head that reads the tiles' centres needs its encoder to embed them
+    fields, y = _ringed(40, seed=3)
+    viewing = fit_lens_head(
+        _embed(fields),
+        np.full(len(y), 0.5),
+        y,
+        encoder_version="enc-1",
+        detector_version="lens-1",
+        data=[{"folder": "x", "files": ["a.jpg"], "renderings": ["composite"]}],
+        views=views_of(fields, _embed),
+    )
+    with pytest.raises(ValueError, match="needs its encoder"):
+        DetectStage(settings, None, lens=finder, morphology=None, known=known, head=viewing)  # type: ignore[arg-type]
     # a head reads its own finder's score: any other finder is refused at start-up
     with pytest.raises(ValueError, match="finder it was fitted on"):
         DetectStage(
