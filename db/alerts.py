@@ -402,6 +402,33 @@ def record_delivery(
     return str(values["state"])
 
 
+def release_deliveries(
+    engine: Engine, claims: Sequence[DeliveryClaim], *, now: datetime | None = None
+) -> int:
+    """Make claimed deliveries due at ``now`` again, unless their outcome was recorded; returns how many.
+
+    For a notifier whose round the database left before the outcomes were stored: without this
+    the deliveries would wait for their lease (a whole batch of calls long). One that was posted
+    comes again as its next attempt, which the receiver drops by its ``X-Galsift-Delivery`` id.
+    """
+    if not claims:
+        return 0
+    with engine.begin() as conn:
+        result = conn.execute(
+            text(
+                "UPDATE alert_deliveries d SET next_attempt_at = :now, claimed_at = NULL "
+                "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS c(id, attempts) "
+                "WHERE d.id = c.id AND d.attempts = c.attempts AND d.state = 'pending'"
+            ),
+            {
+                "ids": [c.id for c in claims],
+                "attempts": [c.attempts for c in claims],
+                "now": now or datetime.now(UTC),
+            },
+        )
+        return int(result.rowcount)
+
+
 def recent_alerts(engine: Engine, *, limit: int = 50, kind: str | None = None) -> list[AlertListing]:
     """The newest alerts with their tiles and delivery states, newest first (dashboard, CLI)."""
     where = "WHERE a.kind = :kind" if kind is not None else ""

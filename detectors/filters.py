@@ -58,6 +58,7 @@ from galsift.webhooks import Poster, PostResult, backoff_s, post_json
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, KafkaProducer
 
+    from db.filters import WebhookClaim
     from galsift.cli import CommandGroups
 
 log = logging.getLogger(__name__)
@@ -510,68 +511,83 @@ class FilterWebhookSender:
         self.backoff_cap_s = backoff_cap_s
         self.post = post
         self.sent = self.failed = self.retried = 0
+        #: calls claimed in the current round whose outcome is not stored yet
+        self._unrecorded: list[WebhookClaim] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def deliver_due(self, *, limit: int = 50) -> int:
         """One round: claim up to ``limit`` due calls and make them; returns the calls made."""
-        from db.alerts import webhook_target
-        from db.filters import claim_webhooks, record_webhook
+        from db.filters import claim_webhooks, release_webhook_claims
 
+        if self._unrecorded:
+            # the database went away during the last round: its calls are due again now, not
+            # when their lease (a whole round's calls long) runs out
+            release_webhook_claims(self.engine, self._unrecorded)
+            self._unrecorded = []
         # the lease must outlast every call of the round, made one after the other
         lease = timedelta(seconds=limit * (self.timeout_s + 1) + 60)
         claims = claim_webhooks(self.engine, limit=limit, lease=lease)
+        self._unrecorded = list(claims)
         for claim in claims:
-            if claim.url is None:  # pragma: no cover - filters keep their webhook for life
-                record_webhook(self.engine, claim, ok=False, error="the filter has no webhook")
-                continue
-            headers = {
-                "X-Galsift-Match": str(claim.id),
-                "X-Galsift-Filter": claim.filter_name,
-                "X-Galsift-Attempt": str(claim.attempts),
-            }
-            try:
-                result = self.post(claim.url, claim.body, headers, self.timeout_s)
-            except Exception as exc:  # a poster must not take the loop down with one call
-                result = PostResult(status=None, error=f"{type(exc).__name__}: {exc}")
-            target = webhook_target(claim.url)  # logs never show the URL (it may hold a secret)
-            if result.ok:
-                record_webhook(self.engine, claim, ok=True, status=result.status)
-                self.sent += 1
-            elif result.final or claim.attempts >= self.max_attempts:
-                record_webhook(self.engine, claim, ok=False, status=result.status, error=result.error)
-                self.failed += 1
-                log.error(
-                    "filters: webhook %s: match %d FAILED for good after attempt %d/%d: %s",
-                    target,
-                    claim.id,
-                    claim.attempts,
-                    self.max_attempts,
-                    result.error,
-                )
-            else:
-                wait = backoff_s(
-                    claim.attempts,
-                    base_s=self.backoff_base_s,
-                    cap_s=self.backoff_cap_s,
-                    retry_after_s=result.retry_after_s,
-                )
-                retry_at = datetime.now(UTC) + timedelta(seconds=wait)
-                record_webhook(
-                    self.engine, claim, ok=False, status=result.status, error=result.error, retry_at=retry_at
-                )
-                self.retried += 1
-                log.warning(
-                    "filters: webhook %s: match %d attempt %d/%d failed: %s; retry in %.0f s",
-                    target,
-                    claim.id,
-                    claim.attempts,
-                    self.max_attempts,
-                    result.error,
-                    wait,
-                )
+            self._deliver(claim)
+            self._unrecorded.remove(claim)
         return len(claims)
+
+    def _deliver(self, claim: WebhookClaim) -> None:
+        """Make one claimed call and record its outcome."""
+        from db.alerts import webhook_target
+        from db.filters import record_webhook
+
+        if claim.url is None:  # pragma: no cover - filters keep their webhook for life
+            record_webhook(self.engine, claim, ok=False, error="the filter has no webhook")
+            return
+        headers = {
+            "X-Galsift-Match": str(claim.id),
+            "X-Galsift-Filter": claim.filter_name,
+            "X-Galsift-Attempt": str(claim.attempts),
+        }
+        try:
+            result = self.post(claim.url, claim.body, headers, self.timeout_s)
+        except Exception as exc:  # a poster must not take the loop down with one call
+            result = PostResult(status=None, error=f"{type(exc).__name__}: {exc}")
+        target = webhook_target(claim.url)  # logs never show the URL (it may hold a secret)
+        if result.ok:
+            record_webhook(self.engine, claim, ok=True, status=result.status)
+            self.sent += 1
+        elif result.final or claim.attempts >= self.max_attempts:
+            record_webhook(self.engine, claim, ok=False, status=result.status, error=result.error)
+            self.failed += 1
+            log.error(
+                "filters: webhook %s: match %d FAILED for good after attempt %d/%d: %s",
+                target,
+                claim.id,
+                claim.attempts,
+                self.max_attempts,
+                result.error,
+            )
+        else:
+            wait = backoff_s(
+                claim.attempts,
+                base_s=self.backoff_base_s,
+                cap_s=self.backoff_cap_s,
+                retry_after_s=result.retry_after_s,
+            )
+            retry_at = datetime.now(UTC) + timedelta(seconds=wait)
+            record_webhook(
+                self.engine, claim, ok=False, status=result.status, error=result.error, retry_at=retry_at
+            )
+            self.retried += 1
+            log.warning(
+                "filters: webhook %s: match %d attempt %d/%d failed: %s; retry in %.0f s",
+                target,
+                claim.id,
+                claim.attempts,
+                self.max_attempts,
+                result.error,
+                wait,
+            )
 
     def wake(self) -> None:
         """Start a round now (new matches were stored)."""

@@ -202,7 +202,11 @@ class LensHead:
         Logistic regression on the standardised features.
     card
         ``encoder_version``, ``detector_version``, ``data`` (folders, filters and files trained
-        on), ``metrics`` (cross-fitted AUROC with and without the finder's score), ``c``.
+        on), ``metrics`` (cross-fitted AUROC with and without the finder's score), ``c``,
+        ``views`` and ``target``.
+    projection
+        Mean and principal components of the field and centre embeddings, for a head that reads
+        the tiles' :class:`Views`; None for one that reads the stored embedding alone.
     """
 
     mean: np.ndarray
@@ -210,7 +214,6 @@ class LensHead:
     coef: np.ndarray
     intercept: float
     card: dict[str, Any]
-    #: mean and principal components of the field and centre embeddings; None: reads no views
     projection: tuple[np.ndarray, np.ndarray] | None = None
 
     @property

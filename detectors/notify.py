@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.alerts import DeliveryClaim, claim_due_deliveries, record_delivery
+from db.alerts import DeliveryClaim, claim_due_deliveries, record_delivery, release_deliveries
 from detectors.alerts import webhook_target
 from galsift import metrics
 from galsift.settings import Settings
@@ -106,6 +106,8 @@ class Notifier:
         # a claim is posted one after the other: the lease must outlast posting a whole batch
         self.lease = timedelta(seconds=batch * (timeout_s + 1.0) + 30.0)
         self._stop = threading.Event()
+        #: deliveries claimed in the current round whose outcome is not stored yet
+        self._unrecorded: list[DeliveryClaim] = []
         #: targets whose last attempt failed -> failed attempts since, for the recovery line
         self._failing: dict[str, int] = {}
 
@@ -134,6 +136,11 @@ class Notifier:
         if not self.urls:
             return report
         clock = now or datetime.now(UTC)
+        if self._unrecorded:
+            # the database went away during the last round: its deliveries are due again now,
+            # not when their lease (a whole batch of calls long) runs out
+            release_deliveries(self.engine, self._unrecorded, now=clock)
+            self._unrecorded = []
         claims = claim_due_deliveries(
             self.engine,
             limit=self.batch,
@@ -143,11 +150,13 @@ class Notifier:
             lease=self.lease,
         )
         report.claimed = len(claims)
+        self._unrecorded = list(claims)
         for claim in claims:
             if self._stop.is_set():
                 # stopping: leave the rest claimed; their lease runs out and they are claimed again
                 break
             self._deliver(claim, report, now=now)
+            self._unrecorded.remove(claim)
         return report
 
     def _deliver(self, claim: DeliveryClaim, report: NotifyReport, *, now: datetime | None) -> None:

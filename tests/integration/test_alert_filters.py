@@ -30,6 +30,7 @@ import pytest
 from ingest_support import StageRunner, isolated_settings, wait_for
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 from test_sql_reader import _fingerprint
 
 from db import repo
@@ -315,6 +316,67 @@ def test_a_filter_receives_exactly_the_new_matching_detections_once(
 
     assert cli(settings, "filter", "remove", quiet) == 0
     assert get_filter(engine, quiet) is None
+
+
+def test_calls_of_a_round_the_database_left_are_made_again_at_once(
+    stack_settings: Settings, engine: Engine, sky: Sky, webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import db.filters
+    from detectors.filters import FilterWebhookSender
+
+    settings = isolated_settings(stack_settings, "filters", filter_timeout_s=TIMEOUT_S)
+    tag = sky.survey.rsplit("-", 1)[1]
+    name = f"sender-{tag}"
+    clause = f"survey = '{sky.survey}'"
+    assert cli(settings, "filter", "add", name, clause, "--owner", "dana", "--webhook", webhook.url) == 0
+    tiles = sky.add({"sender_a": 0.9, "sender_b": 0.8})
+    announce(settings, sky, tiles)
+    serve(settings, f"filters-{tag}")
+    assert states(engine, name) == dict.fromkeys(tiles, "published/sent")
+    # both calls due again (as after a failed attempt), and the next round's outcomes cannot be
+    # stored: the database goes away after the calls were claimed and the first one was made
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE filter_matches m SET webhook_state = 'pending', webhook_next_at = now() "
+                "FROM alert_filters f WHERE f.id = m.filter_id AND f.name = :n"
+            ),
+            {"n": name},
+        )
+    sender = FilterWebhookSender(engine, settings)
+
+    def database_gone(*args: Any, **kw: Any) -> None:
+        raise OperationalError("UPDATE filter_matches", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(db.filters, "record_webhook", database_gone)
+    before = len(webhook.calls)
+    with pytest.raises(OperationalError):
+        sender.deliver_due()
+    assert len(webhook.calls) == before + 1
+    monkeypatch.undo()
+    # the database is back: the round's two calls are made now, not when their lease (a whole
+    # round's calls long, ~10 minutes) runs out; the one already made comes again as its next
+    # attempt, which the receiver drops by its match id
+    assert sender.deliver_due() == 2
+    assert states(engine, name) == dict.fromkeys(tiles, "published/sent")
+    repeated = webhook.calls[before]["match"]
+    assert sorted(c["match"] for c in webhook.calls[before + 1 :]) == sorted(
+        str(i) for i in match_ids(engine, name)
+    )
+    assert repeated in {c["match"] for c in webhook.calls[before + 1 :]}
+
+
+def match_ids(engine: Engine, name: str) -> list[int]:
+    with engine.connect() as conn:
+        return [
+            int(r[0])
+            for r in conn.execute(
+                text(
+                    "SELECT m.id FROM filter_matches m JOIN alert_filters f ON f.id = m.filter_id WHERE f.name = :n"
+                ),
+                {"n": name},
+            )
+        ]
 
 
 class SimulatedCrashError(Exception):

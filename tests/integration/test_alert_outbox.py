@@ -219,6 +219,37 @@ def test_a_replayed_batch_alerts_and_notifies_once(
     assert listed[first[0].id].sent_at is not None and listed[first[0].id].external_id == "T000"
 
 
+def test_deliveries_of_a_round_the_database_left_are_made_again_at_once(
+    engine: Engine, stack_settings: Settings, model_version: str, hook: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import detectors.notify
+
+    alerts = create_alerts(engine, _creates(_candidates(_scored(engine, model_version, 2))), [hook.target])
+    notifier = Notifier(engine, _settings(stack_settings, hook))
+
+    def database_gone(*args: Any, **kw: Any) -> None:
+        raise OperationalError("UPDATE alert_deliveries", {}, Exception("server closed the connection"))
+
+    # the database goes away after the round claimed both deliveries and posted the first
+    monkeypatch.setattr(detectors.notify, "record_delivery", database_gone)
+    with pytest.raises(OperationalError):
+        notifier.deliver_due()
+    assert len(hook.calls) == 1
+    monkeypatch.undo()
+    # back: both are due now, not when their lease (a whole batch of calls long) runs out; the
+    # one already posted comes again as its next attempt, which the receiver drops by its id
+    report = notifier.deliver_due()
+    assert report.claimed == 2 and report.sent == 2
+    rows = _delivery_rows(engine, hook.target)
+    assert [d["state"] for d in rows] == ["sent", "sent"]
+    repeated = hook.calls[0]
+    again = [c for c in hook.calls[1:] if c["delivery"] == repeated["delivery"]]
+    assert len(again) == 1 and int(again[0]["attempt"]) == int(repeated["attempt"]) + 1
+    assert {int(c["alert"]) for c in hook.calls} == {a.id for a in alerts}
+
+
 def test_a_failing_webhook_is_retried_with_backoff_and_recorded(
     engine: Engine,
     stack_settings: Settings,
