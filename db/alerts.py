@@ -410,6 +410,7 @@ def release_deliveries(
     For a notifier whose round the database left before the outcomes were stored: without this
     the deliveries would wait for their lease (a whole batch of calls long). One that was posted
     comes again as its next attempt, which the receiver drops by its ``X-Galsift-Delivery`` id.
+    ``now`` is the notifier's clock, as :func:`claim_due_deliveries` compares with it.
     """
     if not claims:
         return 0

@@ -856,23 +856,31 @@ def record_webhook(
     return state if row is not None else None
 
 
-def release_webhook_claims(engine: Engine, claims: Sequence[WebhookClaim]) -> int:
-    """Make claimed calls due now again, unless their outcome was recorded; returns how many.
+def release_webhook_claims(
+    engine: Engine, claims: Sequence[WebhookClaim], *, now: datetime | None = None
+) -> int:
+    """Make claimed calls due at ``now`` again, unless their outcome was recorded; returns how many.
 
     For a sender whose round the database left before the outcomes were stored: without this
     the calls would wait for their lease (a whole round's calls long). A call that was made
     comes again as its next attempt, which the receiver drops by its ``X-Galsift-Match`` id.
+    ``now`` is the sender's clock, as :func:`claim_webhooks` compares with it (the database's
+    clock may run ahead of it).
     """
     if not claims:
         return 0
     with engine.begin() as conn:
         result = conn.execute(
             text(
-                "UPDATE filter_matches m SET webhook_next_at = now() "
+                "UPDATE filter_matches m SET webhook_next_at = :now "
                 "FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS c(id, attempts) "
                 "WHERE m.id = c.id AND m.webhook_attempts = c.attempts AND m.webhook_state = 'pending'"
             ),
-            {"ids": [c.id for c in claims], "attempts": [c.attempts for c in claims]},
+            {
+                "ids": [c.id for c in claims],
+                "attempts": [c.attempts for c in claims],
+                "now": now or datetime.now(UTC),
+            },
         )
         return int(result.rowcount)
 
